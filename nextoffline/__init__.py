@@ -1,0 +1,23 @@
+"""nextoffline: checkpoint-offline extrapolation of LoRA training trajectories (RLVR)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_trajectory", "inspect_trajectory", "backtest", "extrapolate", "save_extrapolation", "RunSettings"]
+
+
+def __getattr__(name: str):  # lazy: importing the package stays cheap for the CLI's --help
+    if name == "load_trajectory":
+        from nextoffline.trajectory import load_trajectory
+
+        return load_trajectory
+    if name in ("inspect_trajectory", "backtest", "extrapolate", "RunSettings"):
+        from nextoffline import pipeline
+
+        return getattr(pipeline, name)
+    if name == "save_extrapolation":
+        from nextoffline.output import save_extrapolation
+
+        return save_extrapolation
+    raise AttributeError(name)

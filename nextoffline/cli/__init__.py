@@ -1,0 +1,21 @@
+"""Command line interface: ``nextoffline {inspect,backtest,extrapolate,report,push}``."""
+
+from __future__ import annotations
+
+import click
+
+from nextoffline import __version__
+from nextoffline.cli.commands import backtest_cmd, extrapolate_cmd, inspect_cmd
+
+__all__ = ["main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="nextoffline")
+def main() -> None:
+    """Extrapolate LoRA training trajectories from saved checkpoints (verl, OpenRLHF, TRL, PEFT, hf://)."""
+
+
+main.add_command(inspect_cmd)
+main.add_command(backtest_cmd)
+main.add_command(extrapolate_cmd)

@@ -1,0 +1,103 @@
+"""Thin click commands: parse, call the library, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nextoffline.cli.options import Common, command_line, common_options, compute_options, echo_json, parse_float_list, resolve_source, source_options
+
+__all__ = ["inspect_cmd", "backtest_cmd", "extrapolate_cmd"]
+
+
+def _load(source, adapters, format_name, token, common: Common, *, trainer_state: bool = False):
+    from nextoffline.trajectory import load_trajectory
+
+    path, explicit, label = resolve_source(source, adapters, token=token, trainer_state=trainer_state, progress=common.progress)
+    return load_trajectory(path, adapters=explicit, format_name=format_name, source_label=label)
+
+
+def _settings(device: str, chunk_mb: int, common: Common, **extra):
+    from nextoffline.ops.device import resolve_device
+    from nextoffline.pipeline import RunSettings
+
+    return RunSettings(device=resolve_device(device), chunk_bytes=chunk_mb * 2**20, progress=common.progress, **extra)
+
+
+@click.command("inspect")
+@source_options
+@compute_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@common_options
+def inspect_cmd(source, adapters, format_name, token, device, chunk_mb, as_json, common: Common) -> None:
+    """Show what a trajectory holds: layout, steps, modules, rank, rank-1 dominance."""
+    from nextoffline.cli.render import render_inspect
+    from nextoffline.pipeline import inspect_trajectory
+
+    trajectory = _load(source, adapters, format_name, token, common)
+    report = inspect_trajectory(trajectory, _settings(device, chunk_mb, common))
+    echo_json(report) if as_json else click.echo(render_inspect(report))
+
+
+@click.command("backtest")
+@source_options
+@compute_options
+@click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out at the end.")
+@click.option("--methods", default=None, help="Comma list of predictors (default: every auto candidate).")
+@click.option("--horizon", type=click.IntRange(1), default=None, help="NExt horizon in checkpoints (default: min(5, (K-2)//2)).")
+@click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+def backtest_cmd(source, adapters, format_name, token, device, chunk_mb, holdout, methods, horizon, next_epochs, as_json, common: Common) -> None:
+    """Fit each predictor on a prefix and score its prediction of the held-out tail (1.0 = no better than stopping)."""
+    from nextoffline.cli.render import render_backtest
+    from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
+    from nextoffline.pipeline import backtest
+
+    trajectory = _load(source, adapters, format_name, token, common)
+    names = [m.strip() for m in methods.split(",")] if methods else auto_candidates(len(trajectory.steps) - holdout)
+    for name in names:
+        parse_predictor_name(name)
+    settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
+    result = backtest(trajectory, names, settings, holdout=holdout)
+    echo_json(result.to_json()) if as_json else click.echo(render_backtest(result))
+
+
+@click.command("extrapolate")
+@source_options
+@compute_options
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created atomically).")
+@click.option("--to-step", "to_step", default=None, help="Target step(s), comma list.")
+@click.option("--coef", default=None, help="Coefficient(s) in horizons, comma list (0 = latest checkpoint).")
+@click.option("--method", default="auto", show_default=True, help="auto, linear, power, poly, gp, next (NAME@W sets a window).")
+@click.option("--rank-policy", type=click.Choice(["keep", "grow"]), default="keep", show_default=True, help="keep rank r (resumable) or write r+1 exactly.")
+@click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out by the auto backtest.")
+@click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
+@click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
+@click.option("--resumable", is_flag=True, help="Also write a checkpoint in the trainer's own layout under OUT/resume/.")
+@click.option("--eval-cmd", default=None, help="Score each candidate: a command with {adapter}; its last line is a number.")
+@click.option("--eval-lower-is-better", is_flag=True, help="With --eval-cmd: lower scores are better.")
+@click.option("--eval-timeout", default=3600.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds per evaluation.")
+@click.option("--keep-all", is_flag=True, help="With --eval-cmd: keep every candidate, not only the best.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@common_options
+def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_dir, to_step, coef, method, rank_policy, holdout, horizon,
+                    next_epochs, resumable, eval_cmd, eval_lower_is_better, eval_timeout, keep_all, overwrite, as_json, common: Common) -> None:
+    """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout)."""
+    from nextoffline.cli.render import render_extrapolation
+    from nextoffline.io.writer import check_output_location
+    from nextoffline.ops.predictors import parse_predictor_name
+    from nextoffline.sweep import EvalSpec, run_extrapolate
+
+    coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
+    if method != "auto":
+        parse_predictor_name(method)
+    trajectory = _load(source, adapters, format_name, token, common, trainer_state=resumable)
+    check_output_location(out_dir, sources=(trajectory.source, *(r.checkpoint_dir for r in trajectory.steps)), overwrite=overwrite)
+    settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
+    evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
+    summary = run_extrapolate(trajectory, settings, out_dir=out_dir, method=method, coefs=coefs, to_steps=steps, rank_policy=rank_policy,
+                              holdout=holdout, resumable=resumable, overwrite=overwrite, evaluation=evaluation, command=command_line())
+    echo_json(summary) if as_json else click.echo(render_extrapolation(summary))

@@ -1,0 +1,64 @@
+"""Human-readable rendering of command results (pure string functions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nextoffline.pipeline import BacktestResult
+
+__all__ = ["render_inspect", "render_backtest", "render_extrapolation"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:5.1f}%"
+
+
+def render_inspect(report: dict[str, Any]) -> str:
+    lines = [
+        f"source      {report['source']}",
+        f"format      {report['format']}",
+        f"steps       {', '.join(map(str, report['steps']))} ({len(report['steps'])} checkpoints)",
+        f"modules     {report['num_modules']} LoRA modules in {len(report['groups'])} shape groups; r={report['rank']} alpha={report['lora_alpha']}"
+        + (" rslora" if report["use_rslora"] else ""),
+        f"dtypes      {', '.join(report['dtypes'])}",
+        f"trajectory  {_pct(report['trajectory_explained_variance'])} of the update energy lies on one direction per module",
+        "",
+        "  step   rank-1 energy (global)   rank-1 energy (local)   |dW|",
+    ]
+    for row in report["per_step"]:
+        lines.append(f"{row['step']:>6}   {_pct(row['global_rank1_energy']):>22}   {_pct(row['local_rank1_energy']):>21}   {row['global_norm']:.4g}")
+    return "\n".join(lines)
+
+
+def render_backtest(result: BacktestResult) -> str:
+    lines = [
+        f"fit on steps {result.observed_steps[0]}..{result.observed_steps[-1]}, predicting held-out steps {', '.join(map(str, result.heldout_steps))}",
+        "error = |predicted - true| / |true - last observed|   (1.0 = no better than stopping; lower is better)",
+        "",
+        f"  {'method':<12} {'error':>8}   per held-out step",
+    ]
+    for name, error in sorted(result.errors.items(), key=lambda kv: kv[1]):
+        per = "  ".join(f"{e:.3f}" for e in result.per_step[name])
+        lines.append(f"  {name:<12} {error:>8.3f}   {per}")
+    for name, why in result.failures.items():
+        lines.append(f"  {name:<12} {'n/a':>8}   {why}")
+    best, error = result.best()
+    lines.append("")
+    lines.append(f"best: {best} ({error:.3f})" if best else "best: none beats stopping at the last checkpoint")
+    return "\n".join(lines)
+
+
+def render_extrapolation(summary: dict[str, Any]) -> str:
+    lines = [f"method: {summary['method']}" + (f"  ({summary['note']})" if summary["note"] else "")]
+    for c in summary["candidates"]:
+        score = f"  score {c['score']:g}" if "score" in c else ""
+        mark = "written" if c["written"] else "not kept"
+        lines.append(f"  step {c['step']:g} (coef {c['coef']:g}): update {c['relative_update']:.3g} of |dW_last|, "
+                     f"{_pct(c['kept_energy']).strip()} of it kept at rank r{score}  [{mark}]")
+    lines.append(f"wrote {summary['out']}")
+    resume = summary.get("resume")
+    if resume:
+        lines.append(f"resumable checkpoint: {resume['checkpoint_dir']}")
+        lines.append(f"resume with: {resume['command']}")
+        lines += [f"note: {n}" for n in resume["notes"]]
+    return "\n".join(lines)

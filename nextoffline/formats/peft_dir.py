@@ -1,0 +1,52 @@
+"""Plain PEFT adapter folders named by step (``step_10/``, ``checkpoint-10/``, ``iter_10/`` ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from nextoffline.errors import IncompatibleCheckpointsError
+from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights, parse_step_dir, register_format
+from nextoffline.io.writer import copy_file
+from nextoffline.types import ResumeInfo, StepRef
+
+__all__ = ["PeftDirFormat", "step_named_adapters"]
+
+
+def step_named_adapters(root: Path) -> list[StepRef]:
+    """Every direct subfolder of ``root`` whose name carries a step and that holds a PEFT adapter."""
+    refs: dict[int, StepRef] = {}
+    for child in sorted(root.iterdir()):
+        step = parse_step_dir(child.name) if child.is_dir() else None
+        if step is None or not (child / ADAPTER_CONFIG_NAME).exists():
+            continue
+        weights = find_adapter_weights(child) or child / "adapter_model.safetensors"
+        if step in refs:
+            raise IncompatibleCheckpointsError(
+                f"{root}: step {step} appears twice ({refs[step].adapter_dir.name}, {child.name}); keep one folder per step"
+            )
+        refs[step] = StepRef(step=step, adapter_dir=child, weights_file=weights, checkpoint_dir=child)
+    return [refs[s] for s in sorted(refs)]
+
+
+class PeftDirFormat:
+    """A folder of step-named PEFT adapter folders, as ``save_pretrained`` writes them."""
+
+    name: ClassVar[str] = "peft"
+    description: ClassVar[str] = "subfolders named checkpoint-N/global_step_N/step_N/iter_N holding adapter_config.json"
+
+    def probe(self, root: Path) -> bool:
+        return root.is_dir() and bool(step_named_adapters(root))
+
+    def list_steps(self, root: Path) -> list[StepRef]:
+        return step_named_adapters(root)
+
+    def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
+        target = out_dir / latest.adapter_dir.name
+        for name in (ADAPTER_CONFIG_NAME, "adapter_model.safetensors"):
+            copy_file(adapter_dir / name, target / name)
+        command = f"PeftModel.from_pretrained(base_model, {str(target)!r}, is_trainable=True)"
+        return ResumeInfo(checkpoint_dir=target, command=command, notes=("plain PEFT folder: no optimizer state to resume",))
+
+
+register_format(PeftDirFormat())

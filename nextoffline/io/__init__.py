@@ -1,0 +1,16 @@
+"""Format-agnostic tensor I/O: lazy readers and atomic output folders."""
+
+from nextoffline.io.reader import TensorReader, open_tensors, register_state_loader
+from nextoffline.io.writer import AtomicOutputDir, check_output_location, copy_file, write_json, write_safetensors, write_text
+
+__all__ = [
+    "TensorReader",
+    "open_tensors",
+    "register_state_loader",
+    "AtomicOutputDir",
+    "check_output_location",
+    "copy_file",
+    "write_json",
+    "write_safetensors",
+    "write_text",
+]

@@ -1,0 +1,199 @@
+"""Lazy tensor readers over one weight file (safetensors via mmap, or a torch pickle).
+
+Only headers are read when a reader is opened; tensors are read one key at a time. Every
+failure becomes an :class:`~nextoffline.errors.AdapterFileError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+from safetensors import safe_open
+
+from nextoffline.errors import AdapterFileError
+
+__all__ = [
+    "TensorReader",
+    "SafetensorsReader",
+    "StateDictReader",
+    "open_tensors",
+    "register_state_loader",
+]
+
+LOG = logging.getLogger(__name__)
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class TensorReader(Protocol):
+    """Read-only access to the tensors of one file, by key."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    """Parse and validate the JSON header of a safetensors file (no tensor data is read)."""
+    fix = "re-save or re-download this checkpoint"
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise AdapterFileError(f"{path}: file is truncated ({size} bytes, no header); {fix}")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len <= 1 or 8 + header_len > size:
+            raise AdapterFileError(f"{path}: corrupted safetensors header (length {header_len}); {fix}")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFileError(f"{path}: corrupted safetensors header (not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: corrupted safetensors header (not a JSON object); {fix}")
+    data_len = size - 8 - header_len
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        _check_entry(path, key, spec, data_len, fix)
+    return header
+
+
+def _check_entry(path: Path, key: str, spec: object, data_len: int, fix: str) -> None:
+    """Validate one header entry: known dtype, offsets inside the file, size matches shape."""
+    try:
+        dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise AdapterFileError(f"{path}: corrupted safetensors header entry {key!r}; {fix}") from None
+    if dtype not in _DTYPE_SIZES:
+        raise AdapterFileError(f"{path}: tensor {key!r} has unsupported dtype {dtype}; {fix}")
+    numel = 1
+    for dim in shape:
+        numel *= int(dim)
+    if end > data_len:
+        raise AdapterFileError(f"{path}: file is truncated (tensor {key!r} ends past the end); {fix}")
+    if end - begin != numel * _DTYPE_SIZES[dtype]:
+        raise AdapterFileError(f"{path}: corrupted safetensors header (size of {key!r} mismatches shape); {fix}")
+
+
+class SafetensorsReader:
+    """Lazy reader over a safetensors file (memory-mapped; pays only for the keys read)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        header = _read_safetensors_header(path)
+        self._specs = {k: v for k, v in header.items() if k != "__metadata__"}
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise AdapterFileError(f"{path}: cannot open safetensors file ({exc}); re-save this checkpoint") from None
+
+    def keys(self) -> list[str]:
+        return sorted(self._specs)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._specs[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._specs[key]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise AdapterFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handle = None
+
+
+StateLoader = Callable[[Path], "dict[str, torch.Tensor]"]
+_STATE_LOADERS: list[tuple[Callable[[Path], bool], StateLoader]] = []
+
+
+def register_state_loader(matches: Callable[[Path], bool], loader: StateLoader) -> None:
+    """Let a trainer format read its own pickle layout (e.g. DeepSpeed model states)."""
+    _STATE_LOADERS.append((matches, loader))
+
+
+def _default_state_loader(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise AdapterFileError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+class StateDictReader:
+    """Reader over a torch pickle holding a flat ``{key: tensor}`` mapping."""
+
+    def __init__(self, path: Path, loader: StateLoader | None = None) -> None:
+        self.path = path
+        load = loader or _default_state_loader
+        try:
+            state = load(path)
+        except AdapterFileError:
+            raise
+        except Exception as exc:
+            raise AdapterFileError(f"{path}: cannot load torch checkpoint ({type(exc).__name__}); re-save it") from None
+        self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    def keys(self) -> list[str]:
+        return sorted(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._state[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def open_tensors(path: Path) -> TensorReader:
+    """Open ``path`` lazily with the reader that fits its type."""
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: weight file is missing; check the checkpoint folder")
+    if path.suffix == ".safetensors":
+        return SafetensorsReader(path)
+    for matches, loader in _STATE_LOADERS:
+        if matches(path):
+            return StateDictReader(path, loader)
+    return StateDictReader(path)
+
+
+def read_keys(path: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read the given keys of one file (convenience for small adapters and tests)."""
+    reader = open_tensors(path)
+    try:
+        return {key: reader.get(key) for key in keys}
+    finally:
+        reader.close()

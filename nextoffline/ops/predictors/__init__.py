@@ -1,0 +1,49 @@
+"""Trajectory predictors and their registry."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from nextoffline.errors import UsageError
+from nextoffline.ops.predictors.base import FactoredUpdate, Predictor
+from nextoffline.ops.predictors.next import NextPredictor
+from nextoffline.ops.predictors.trajectory import TrajectoryRank1Predictor
+
+__all__ = ["FactoredUpdate", "Predictor", "PREDICTORS", "make_predictor", "auto_candidates", "parse_predictor_name"]
+
+PredictorFactory = Callable[..., Predictor]
+
+#: name -> factory(window=None, horizon=h, **options)
+PREDICTORS: dict[str, PredictorFactory] = {
+    "linear": lambda window=None, **_: TrajectoryRank1Predictor("linear", window),
+    "power": lambda window=None, **_: TrajectoryRank1Predictor("power", window),
+    "poly": lambda window=None, **_: TrajectoryRank1Predictor("poly", window),
+    "gp": lambda window=None, **_: TrajectoryRank1Predictor("gp", window),
+    "next": lambda window=None, horizon=1, **options: NextPredictor(horizon=horizon, **options),
+}
+
+
+def parse_predictor_name(spec: str) -> tuple[str, int | None]:
+    """``"linear@4"`` -> ``("linear", 4)``; ``"next"`` -> ``("next", None)``."""
+    name, _, window = spec.partition("@")
+    if name not in PREDICTORS:
+        raise UsageError(f"unknown method {name!r}; use auto or one of: {', '.join(PREDICTORS)}")
+    if window and (not window.isdigit() or int(window) < 3):
+        raise UsageError(f"method {spec!r}: the window after @ must be an integer >= 3")
+    return name, int(window) if window else None
+
+
+def make_predictor(spec: str, *, horizon: int, options: dict[str, Any] | None = None) -> Predictor:
+    """A fresh predictor from ``name[@window]``."""
+    name, window = parse_predictor_name(spec)
+    return PREDICTORS[name](window=window, horizon=horizon, **(options or {}))
+
+
+def auto_candidates(num_observed: int, *, include_next: bool = True) -> list[str]:
+    """Predictors (and windows) the ``auto`` method backtests for a prefix of ``num_observed`` steps."""
+    windows = sorted({w for w in (3, 5) if w < num_observed})
+    names = [f"{kind}@{w}" for kind in ("linear", "power") for w in windows]
+    names += ["linear", "power", "poly", "gp"]
+    if include_next:
+        names.append("next")
+    return names

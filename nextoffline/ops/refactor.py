@@ -1,0 +1,102 @@
+"""Write a predicted update back into LoRA factors.
+
+``M = s B A + D`` (``D`` factored, rank ``p``) is re-factored to the best rank-``r`` factors
+``(B', A')`` with ``s B' A' ~= M``, in a gauge as close as possible to the latest ``A`` so
+that optimizer moments of the resumed run stay meaningful. Rank ``r + p`` can instead be kept
+exactly (``grow``). Coefficient 0 (``D = 0``) returns ``(B, A)`` untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nextoffline.ops.predictors.base import FactoredUpdate
+
+__all__ = ["RefactorResult", "refactor_keep_rank", "refactor_grow_rank"]
+
+_F64 = torch.float64
+_MAX_GAUGE_CONDITION = 1e6
+
+
+@dataclass
+class RefactorResult:
+    """New factors per module and what the truncation kept."""
+
+    b: torch.Tensor  # (N, m, r')
+    a: torch.Tensor  # (N, r', n)
+    kept_energy: torch.Tensor  # (N,): 1 - |M - M_r|^2 / |D|^2 (1.0 when D = 0)
+    gauge_reset: torch.Tensor  # (N,) bool: the A-anchored gauge was ill-conditioned
+
+
+def _orthonormal_basis(gram: torch.Tensor, rel_tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors and sqrt-eigenvalues of a PSD Gram with noise floored to zero."""
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > rel_tol * evals[..., -1:].clamp_min(0)
+    return evecs, torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+
+
+def _low_rank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U S V^T`` of ``left @ right`` from Gram matrices (float64), never dense."""
+    left64, right64 = left.to(_F64), right.to(_F64)
+    w_l, root_l = _orthonormal_basis(left64.mT @ left64)
+    w_r, root_r = _orthonormal_basis(right64 @ right64.mT)
+    core = (root_l.unsqueeze(-1) * (w_l.mT @ w_r)) * root_r.unsqueeze(-2)  # Q_l^T L R Q_r
+    uc, s, vch = torch.linalg.svd(core)
+    inv_l = torch.where(root_l > 0, 1 / root_l.clamp_min(1e-300), torch.zeros_like(root_l))
+    inv_r = torch.where(root_r > 0, 1 / root_r.clamp_min(1e-300), torch.zeros_like(root_r))
+    u = left64 @ (w_l * inv_l.unsqueeze(-2)) @ uc  # Q_l = L W_l diag(1/root_l)
+    v = right64.mT @ (w_r * inv_r.unsqueeze(-2)) @ vch.mT
+    return u, s, v
+
+
+def refactor_keep_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate) -> RefactorResult:
+    """Best rank-``r`` factors of ``s B A + D`` in the gauge closest to ``A``.
+
+    Args:
+        b: ``(N, m, r)`` latest B factors (compute dtype).
+        a: ``(N, r, n)`` latest A factors.
+        scaling: ``(N,)`` LoRA scalings.
+        update: the predicted update ``D``.
+    """
+    n_mod, _, r = b.shape
+    s = scaling.to(_F64).reshape(-1, 1, 1)
+    left = torch.cat([s * b.to(_F64), update.left.to(_F64)], dim=-1)
+    right = torch.cat([a.to(_F64), update.right.to(_F64)], dim=-2)
+    u, sv, v = _low_rank_svd(left, right)
+    u_r, s_r, v_r = u[..., :r], sv[..., :r], v[..., :r]
+    update_sq = _frobenius_sq(update.left.to(_F64), update.right.to(_F64))
+    tail_sq = sv[..., r:].square().sum(-1)
+    kept = torch.where(update_sq > 0, 1 - tail_sq / update_sq.clamp_min(1e-300), torch.ones_like(update_sq)).clamp(0, 1)
+    gauge = a.to(_F64) @ v_r  # G minimising |G V_r^T - A|
+    new_a, new_b, reset = _anchor_gauge(gauge, u_r, s_r, v_r, s)
+    zero = update_sq == 0
+    new_b = torch.where(zero.reshape(-1, 1, 1), b.to(_F64), new_b)
+    new_a = torch.where(zero.reshape(-1, 1, 1), a.to(_F64), new_a)
+    return RefactorResult(b=new_b.to(b.dtype), a=new_a.to(a.dtype), kept_energy=kept, gauge_reset=reset & ~zero)
+
+
+def _anchor_gauge(gauge: torch.Tensor, u_r: torch.Tensor, s_r: torch.Tensor, v_r: torch.Tensor, s: torch.Tensor):
+    """``A' = G V_r^T``, ``B' = U_r S_r G^-1 / s``; balanced SVD factors where ``G`` is ill-conditioned."""
+    cond = torch.linalg.cond(gauge)
+    reset = ~torch.isfinite(cond) | (cond > _MAX_GAUGE_CONDITION)
+    eye = torch.eye(gauge.shape[-1], dtype=_F64, device=gauge.device).expand_as(gauge)
+    safe_gauge = torch.where(reset.reshape(-1, 1, 1), torch.diag_embed(s_r.clamp_min(0).sqrt() + (s_r <= 0)), gauge)
+    inv = torch.linalg.solve(safe_gauge, eye)
+    new_a = safe_gauge @ v_r.mT
+    new_b = (u_r * s_r.unsqueeze(-2)) @ inv / s
+    return new_a, new_b, reset
+
+
+def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate) -> RefactorResult:
+    """Exact factors of rank ``r + p``: ``B' = [B, D_l / s]``, ``A' = [A; D_r]``."""
+    s = scaling.to(update.left).reshape(-1, 1, 1)
+    new_b = torch.cat([b, (update.left / s).to(b.dtype)], dim=-1)
+    new_a = torch.cat([a, update.right.to(a.dtype)], dim=-2)
+    ones = torch.ones(b.shape[0], dtype=_F64, device=b.device)
+    return RefactorResult(b=new_b, a=new_a, kept_energy=ones, gauge_reset=torch.zeros_like(ones, dtype=torch.bool))
+
+
+def _frobenius_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))

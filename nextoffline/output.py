@@ -1,0 +1,185 @@
+"""Persist extrapolations: PEFT adapter folders, manifest, model card, resumable checkpoints.
+
+Everything is written into one temporary folder that is moved into place at the end
+(:class:`~nextoffline.io.writer.AtomicOutputDir`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from nextoffline import __version__
+from nextoffline.card import build_manifest, model_card
+from nextoffline.formats import get_format
+from nextoffline.formats.base import ADAPTER_CONFIG_NAME
+from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_json, write_safetensors, write_text
+from nextoffline.pipeline import Candidate, Extrapolation
+from nextoffline.types import ResumeInfo, Trajectory
+
+__all__ = ["save_extrapolation", "candidate_label", "source_record", "write_adapter_folder", "MANIFEST_NAME"]
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST_NAME = "nextoffline.json"
+RESUME_DIR = "resume"
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def source_record(trajectory: Trajectory) -> dict[str, Any]:
+    """Where the trajectory came from, with a hash of every file read."""
+    return {
+        "label": trajectory.source_label,
+        "format": trajectory.format_name,
+        "steps": trajectory.step_numbers,
+        "files": [
+            {
+                "step": ref.step,
+                "weights": str(ref.weights_file),
+                "weights_sha256": _sha256(ref.weights_file),
+                "config_sha256": _sha256(ref.adapter_dir / ADAPTER_CONFIG_NAME),
+            }
+            for ref in trajectory.steps
+        ],
+    }
+
+
+def candidate_label(candidate: Candidate) -> str:
+    """Folder name of one sweep candidate, e.g. ``coef_1.5`` or ``step_120``."""
+    if float(candidate.target_step).is_integer() and not _is_round(candidate.coef):
+        return f"step_{int(candidate.target_step)}"
+    return f"coef_{candidate.coef:g}"
+
+
+def _is_round(value: float) -> bool:
+    return math.isclose(value * 4, round(value * 4), abs_tol=1e-9)
+
+
+def candidate_record(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "step": candidate.target_step,
+        "coef": candidate.coef,
+        "kept_energy": candidate.kept_energy_mean,
+        "kept_energy_min": candidate.kept_energy_min,
+        "relative_update": candidate.relative_update,
+        "gauge_resets": candidate.gauge_resets,
+    }
+
+
+def extrapolation_record(extrapolation: Extrapolation) -> dict[str, Any]:
+    return {
+        "method": extrapolation.method,
+        "predictor_settings": extrapolation.predictor_settings,
+        "horizon_checkpoints": extrapolation.horizon,
+        "horizon_steps": extrapolation.horizon_steps,
+        "rank_policy": extrapolation.rank_policy,
+        "backtest": extrapolation.backtest.to_json() if extrapolation.backtest else None,
+        "note": extrapolation.note,
+    }
+
+
+def grown_config(config: Mapping[str, Any], trajectory: Trajectory, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Adapter config for rank-grown factors, with the scaling of every module unchanged."""
+    new = copy.deepcopy(dict(config))
+    ranks = {m.name: int(tensors[m.a_key].shape[0]) for m in trajectory.modules}
+    alphas = {m.name: m.scaling * (math.sqrt(ranks[m.name]) if config.get("use_rslora") else ranks[m.name]) for m in trajectory.modules}
+    if len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1 and not config.get("rank_pattern") and not config.get("alpha_pattern"):
+        new["r"], new["lora_alpha"] = next(iter(ranks.values())), next(iter(alphas.values()))
+        return new
+    new["rank_pattern"] = {_pattern(name): rank for name, rank in ranks.items()}
+    new["alpha_pattern"] = {_pattern(name): alpha for name, alpha in alphas.items()}
+    return new
+
+
+def _pattern(module: str) -> str:
+    return "^" + module.removeprefix("base_model.model.").replace(".", r"\.")
+
+
+def write_adapter_folder(folder: Path, trajectory: Trajectory, extrapolation: Extrapolation, candidate: Candidate, manifest: dict[str, Any]) -> None:
+    """One PEFT adapter folder: config, weights, manifest, card."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(trajectory.adapter_config)
+    if extrapolation.rank_policy == "grow":
+        config = grown_config(config, trajectory, candidate.tensors)
+    (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    metadata = {
+        "format": "pt",
+        "nextoffline_version": __version__,
+        "source_steps": json.dumps(trajectory.step_numbers),
+        "predicted_step": f"{candidate.target_step:g}",
+        "coefficient": f"{candidate.coef:g}",
+    }
+    write_safetensors(folder / "adapter_model.safetensors", candidate.tensors, metadata)
+    write_json(folder / MANIFEST_NAME, manifest)
+    write_text(folder / "README.md", model_card(manifest))
+
+
+def _required_bytes(trajectory: Trajectory, count: int, resumable: bool) -> int:
+    weights = trajectory.latest.weights_file.stat().st_size
+    extra = sum(p.stat().st_size for p in trajectory.latest.checkpoint_dir.rglob("*") if p.is_file()) if resumable else 0
+    return count * weights + extra
+
+
+def save_extrapolation(
+    out_dir: Path,
+    trajectory: Trajectory,
+    extrapolation: Extrapolation,
+    *,
+    command: str,
+    resumable: bool = False,
+    overwrite: bool = False,
+    scores: Mapping[int, Mapping[str, Any]] | None = None,
+    keep: list[int] | None = None,
+    extra_dirs: Mapping[str, Path] | None = None,
+) -> tuple[Path, ResumeInfo | None]:
+    """Write the extrapolation atomically under ``out_dir``.
+
+    One kept candidate: ``out_dir`` is the adapter folder. Several: one subfolder each
+    (named by :func:`candidate_label`). ``resumable`` adds ``out_dir/resume/`` in the source
+    trainer's layout, built from the single kept candidate.
+    """
+    keep = list(range(len(extrapolation.candidates))) if keep is None else keep
+    check_output_location(out_dir, sources=(trajectory.source, *(r.checkpoint_dir for r in trajectory.steps)), overwrite=overwrite)
+    source = source_record(trajectory)
+    records = [dict(candidate_record(c), **(scores or {}).get(i, {})) for i, c in enumerate(extrapolation.candidates)]
+    all_records = records if scores else None
+    resume_info = None
+    with AtomicOutputDir(out_dir, overwrite=overwrite, required_bytes=_required_bytes(trajectory, len(keep), resumable)) as tmp:
+        for index in keep:
+            candidate = extrapolation.candidates[index]
+            folder = tmp if len(keep) == 1 else tmp / candidate_label(candidate)
+            manifest = build_manifest(version=__version__, command=command, source=source, extrapolation=extrapolation_record(extrapolation),
+                                      candidate=records[index], candidates=all_records)
+            write_adapter_folder(folder, trajectory, extrapolation, candidate, manifest)
+        if resumable and len(keep) == 1:
+            resume_info = finish_resumable(tmp, trajectory)
+        for name, folder in (extra_dirs or {}).items():
+            shutil.copytree(folder, tmp / name)
+    if resume_info is not None:
+        resume_info = ResumeInfo(out_dir / resume_info.checkpoint_dir.relative_to(tmp), resume_info.command.replace(str(tmp), str(out_dir)), resume_info.notes)
+    return out_dir, resume_info
+
+
+def finish_resumable(tmp: Path, trajectory: Trajectory) -> ResumeInfo:
+    """Run the source format's writer against the adapter already written in ``tmp``."""
+    fmt = get_format(trajectory.format_name)
+    target = tmp / RESUME_DIR
+    target.mkdir()
+    info = fmt.write_resumable(trajectory.latest, tmp, target)
+    manifest_path = tmp / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["resume"] = {"format": fmt.name, "checkpoint_dir": str(info.checkpoint_dir.relative_to(tmp)), "command": info.command, "notes": list(info.notes)}
+    write_json(manifest_path, manifest)
+    return info

@@ -1,0 +1,355 @@
+"""Orchestration: trajectory -> chunks -> predictors -> factors. No math, no argument parsing.
+
+Every public function works in memory and returns plain results; :mod:`nextoffline.output`
+persists them. The CLI and the Python API both call these.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
+from nextoffline.loader import DEFAULT_CHUNK_BYTES, open_readers, plan_chunks, read_chunk
+from nextoffline.ops.chunk import FactorChunk
+from nextoffline.ops.decompose import frobenius_sq, top_triplet
+from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
+from nextoffline.ops.predictors.base import FactoredUpdate
+from nextoffline.ops.predictors.trajectory import trajectory_rank1
+from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
+from nextoffline.types import Trajectory
+
+__all__ = [
+    "RunSettings",
+    "default_horizon",
+    "horizon_steps",
+    "inspect_trajectory",
+    "backtest",
+    "BacktestResult",
+    "Candidate",
+    "Extrapolation",
+    "extrapolate",
+    "resolve_targets",
+]
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Compute settings shared by every phase."""
+
+    device: torch.device = torch.device("cpu")
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    progress: bool = True
+    horizon: int | None = None
+    next_options: dict[str, Any] = field(default_factory=dict)
+
+
+def default_horizon(num_steps: int) -> int:
+    """NExt's horizon in checkpoints: 5 (50 steps at 10 per checkpoint), fewer on short runs."""
+    return max(1, min(5, (num_steps - 2) // 2))
+
+
+def horizon_steps(trajectory: Trajectory, horizon: int) -> float:
+    """Training steps spanned by ``horizon`` checkpoints (mean spacing times ``horizon``)."""
+    steps = trajectory.step_numbers
+    return (steps[-1] - steps[0]) / (len(steps) - 1) * horizon
+
+
+def _progress(items: Sequence[Any], desc: str, settings: RunSettings) -> Any:
+    return tqdm(items, desc=desc, unit="group", disable=not settings.progress, leave=False)
+
+
+def _chunks(trajectory: Trajectory, settings: RunSettings, desc: str):
+    """Yield every chunk of the trajectory over all its steps (one read of the files)."""
+    plans = plan_chunks(trajectory, budget_bytes=settings.chunk_bytes)
+    with open_readers(trajectory) as readers:
+        for plan in _progress(plans, desc, settings):
+            yield plan, read_chunk(plan, trajectory, readers, settings.device)
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+
+def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[str, Any]:
+    """Layout, steps, modules and rank-1 dominance of a trajectory, as stable JSON-able keys."""
+    k = len(trajectory.steps)
+    global_top, global_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    local_top, local_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    explained_num, explained_den = 0.0, 0.0
+    for _plan, chunk in _chunks(trajectory, settings, "inspect"):
+        for t in range(k):
+            left, right = chunk.update(t)
+            global_top[t] += top_triplet(left, right).sigma.double().square().sum().cpu()
+            global_total[t] += frobenius_sq(left, right).sum().cpu()
+            if t:
+                left, right = chunk.delta(t, t - 1)
+                local_top[t] += top_triplet(left, right).sigma.double().square().sum().cpu()
+                local_total[t] += frobenius_sq(left, right).sum().cpu()
+        rank1 = trajectory_rank1(chunk)
+        energy = frobenius_sq(*chunk.update(k - 1)).cpu()
+        explained_num += float((rank1.explained.cpu() * energy).sum())
+        explained_den += float(energy.sum())
+    return {
+        "source": trajectory.source_label,
+        "format": trajectory.format_name,
+        "steps": trajectory.step_numbers,
+        "num_modules": len(trajectory.modules),
+        "groups": [{"out_features": m, "in_features": n, "rank": r, "modules": len(mods)} for (m, n, r), mods in trajectory.groups().items()],
+        "rank": trajectory.adapter_config.get("r"),
+        "lora_alpha": trajectory.adapter_config.get("lora_alpha"),
+        "use_rslora": bool(trajectory.adapter_config.get("use_rslora", False)),
+        "dtypes": sorted(set(trajectory.dtypes.values())),
+        "target_modules": trajectory.adapter_config.get("target_modules"),
+        "passthrough_tensors": len(trajectory.passthrough_keys),
+        "per_step": [
+            {
+                "step": step,
+                "global_rank1_energy": _ratio(global_top[i], global_total[i]),
+                "local_rank1_energy": _ratio(local_top[i], local_total[i]) if i else None,
+                "global_norm": math.sqrt(float(global_total[i])),
+            }
+            for i, step in enumerate(trajectory.step_numbers)
+        ],
+        "trajectory_explained_variance": explained_num / explained_den if explained_den > 0 else 1.0,
+    }
+
+
+def _ratio(top: torch.Tensor, total: torch.Tensor) -> float:
+    return float(top / total) if float(total) > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------- backtest
+
+
+@dataclass
+class BacktestResult:
+    """Future-update error per predictor: ``|dW_pred - dW_true| / |dW_true - dW_last_observed|``."""
+
+    holdout: int
+    observed_steps: list[int]
+    heldout_steps: list[int]
+    errors: dict[str, float]
+    per_step: dict[str, list[float]]
+    failures: dict[str, str]
+
+    def best(self) -> tuple[str | None, float]:
+        """The predictor with the lowest error, or ``(None, 1.0)`` when none beats stopping."""
+        if not self.errors:
+            return None, 1.0
+        name = min(self.errors, key=self.errors.__getitem__)
+        return (name, self.errors[name]) if self.errors[name] < 1.0 else (None, 1.0)
+
+    def to_json(self) -> dict[str, Any]:
+        name, error = self.best()
+        return {
+            "holdout": self.holdout,
+            "observed_steps": self.observed_steps,
+            "heldout_steps": self.heldout_steps,
+            "errors": self.errors,
+            "per_step_errors": self.per_step,
+            "failures": self.failures,
+            "best": name,
+            "best_error": error,
+        }
+
+
+def _difference(update: FactoredUpdate, true_left: torch.Tensor, true_right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    left = torch.cat([update.left, -true_left], dim=-1)
+    right = torch.cat([update.right, true_right], dim=-2)
+    return left, right
+
+
+def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, *, holdout: int = 2) -> BacktestResult:
+    """Fit every method on a prefix and score its predictions of the held-out tail.
+
+    Raises:
+        NotEnoughCheckpointsError: fewer than 3 checkpoints would remain to fit on.
+    """
+    k = len(trajectory.steps)
+    if holdout < 1 or k - holdout < 3:
+        raise NotEnoughCheckpointsError(
+            f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
+            "at least 3 are needed: lower --holdout"
+        )
+    prefix = list(range(k - holdout))
+    horizon = settings.horizon or default_horizon(len(prefix))
+    predictors, failures = _fit_predictors(trajectory, methods, settings, prefix, horizon)
+    err = {name: torch.zeros(holdout, dtype=torch.float64) for name in predictors}
+    base = torch.zeros(holdout, dtype=torch.float64)
+    for _plan, chunk in _chunks(trajectory, settings, "backtest"):
+        observed = chunk.select_steps(prefix)
+        for j, t in enumerate(range(k - holdout, k)):
+            true_left, true_right = chunk.delta(t, prefix[-1])
+            base[j] += frobenius_sq(true_left, true_right).sum().cpu()
+            for name, predictor in predictors.items():
+                update = predictor.predict_update(observed, float(chunk.steps[t]))
+                err[name][j] += frobenius_sq(*_difference(update, true_left, true_right)).sum().cpu()
+    errors = {name: _safe_sqrt_ratio(e.sum(), base.sum()) for name, e in err.items()}
+    per_step = {name: [_safe_sqrt_ratio(e[j], base[j]) for j in range(holdout)] for name, e in err.items()}
+    steps = trajectory.step_numbers
+    return BacktestResult(holdout, steps[: k - holdout], steps[k - holdout :], errors, per_step, failures)
+
+
+def _safe_sqrt_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else (0.0 if float(num) == 0 else math.inf)
+
+
+def _fit_predictors(
+    trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, step_index: list[int], horizon: int
+) -> tuple[dict[str, Predictor], dict[str, str]]:
+    """Pass 1: stream the observed steps through every predictor, then fit them."""
+    predictors = {m: make_predictor(m, horizon=horizon, options=settings.next_options) for m in methods}
+    failures: dict[str, str] = {}
+    for _plan, chunk in _chunks(trajectory, settings, "decompose"):
+        observed = chunk.select_steps(step_index)
+        for name in list(predictors):
+            try:
+                predictors[name].observe(observed)
+            except NotEnoughCheckpointsError as exc:
+                failures[name] = str(exc)
+                del predictors[name]
+    for name in _progress(list(predictors), "fit", settings):
+        predictors[name].fit()
+    return predictors, failures
+
+
+# ------------------------------------------------------------------------------------ extrapolate
+
+
+@dataclass
+class Candidate:
+    """One extrapolated adapter, in memory."""
+
+    target_step: float
+    coef: float
+    tensors: dict[str, torch.Tensor]
+    kept_energy_mean: float
+    kept_energy_min: float
+    relative_update: float
+    gauge_resets: int
+
+
+@dataclass
+class Extrapolation:
+    """Everything ``extrapolate`` decided and produced."""
+
+    method: str
+    predictor_settings: dict[str, Any]
+    horizon: int
+    horizon_steps: float
+    rank_policy: str
+    candidates: list[Candidate]
+    backtest: BacktestResult | None
+    note: str = ""
+
+
+def resolve_targets(trajectory: Trajectory, *, horizon: int, coefs: Sequence[float] = (), to_steps: Sequence[float] = ()) -> list[tuple[float, float]]:
+    """``(target_step, coef)`` pairs from ``--coef`` and/or ``--to-step`` values.
+
+    A coefficient ``c`` stands for the step ``t_last + c * horizon_steps``.
+    """
+    last = trajectory.step_numbers[-1]
+    span = horizon_steps(trajectory, horizon)
+    pairs = []
+    for coef in coefs:
+        if not math.isfinite(coef) or coef < 0:
+            raise UsageError(f"--coef {coef}: coefficients must be finite and >= 0 (0 = the latest checkpoint)")
+        pairs.append((last + coef * span, float(coef)))
+    for step in to_steps:
+        if not math.isfinite(step) or step <= last:
+            raise UsageError(f"--to-step {step:g}: the target must be after the last checkpoint (step {last})")
+        pairs.append((float(step), (step - last) / span))
+    if not pairs:
+        raise UsageError("give --to-step N or --coef C (comma lists allowed)")
+    return pairs
+
+
+def extrapolate(
+    trajectory: Trajectory,
+    settings: RunSettings,
+    *,
+    method: str = "auto",
+    coefs: Sequence[float] = (),
+    to_steps: Sequence[float] = (),
+    rank_policy: str = "keep",
+    holdout: int = 2,
+) -> Extrapolation:
+    """Fit a predictor (``auto`` = best backtest) and build one adapter per target, in memory."""
+    if rank_policy not in ("keep", "grow"):
+        raise UsageError(f"--rank-policy {rank_policy!r}: use keep or grow")
+    k = len(trajectory.steps)
+    horizon = settings.horizon or default_horizon(k)
+    targets = resolve_targets(trajectory, horizon=horizon, coefs=coefs, to_steps=to_steps)
+    report, note = None, ""
+    if method == "auto":
+        report = backtest(trajectory, auto_candidates(k - holdout), settings, holdout=holdout)
+        best, error = report.best()
+        if best is None:
+            note = "no predictor beat stopping at the last checkpoint in the backtest: the latest weights are kept unchanged"
+            LOG.warning(note)
+            return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
+        method = best
+        note = f"auto selected {best} (backtest error {error:.3f} vs 1.0 for stopping)"
+    predictors, failures = _fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
+    if method in failures:
+        raise NotEnoughCheckpointsError(failures[method])
+    predictor = predictors[method]
+    candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings)
+    return Extrapolation(method, predictor.settings(), horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
+
+
+def _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings) -> Extrapolation:
+    """Candidates equal to the latest adapter (what ``auto`` returns when nothing helps)."""
+    tensors = _latest_tensors(trajectory)
+    candidates = [Candidate(step, coef, dict(tensors), 1.0, 1.0, 0.0, 0) for step, coef in targets]
+    return Extrapolation("none", {"predictor": "none"}, horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
+
+
+def _latest_tensors(trajectory: Trajectory) -> dict[str, torch.Tensor]:
+    with open_readers(trajectory) as readers:
+        latest = readers[-1]
+        return {key: latest.get(key).clone() for key in latest.keys()}
+
+
+def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: list[tuple[float, float]], rank_policy: str, settings: RunSettings) -> list[Candidate]:
+    """Pass 2: predict, re-factor and cast every module for every target."""
+    latest = _latest_tensors(trajectory)
+    outputs = [dict(latest) for _ in targets]
+    stats = [{"kept": [], "weights": [], "update": 0.0, "base": 0.0, "resets": 0} for _ in targets]
+    refactor = refactor_keep_rank if rank_policy == "keep" else refactor_grow_rank
+    for plan, chunk in _chunks(trajectory, settings, "extrapolate"):
+        b_last, a_last = chunk.b[-1], chunk.a[-1]
+        base_sq = frobenius_sq(*chunk.update(chunk.num_steps - 1)).cpu()
+        for (step, _coef), out, stat in zip(targets, outputs, stats):
+            update = predictor.predict_update(chunk, step)
+            result = refactor(b_last, a_last, chunk.scaling, update)
+            _store(plan.modules, result.b, result.a, out, trajectory)
+            stat["kept"].append(result.kept_energy.cpu())
+            stat["weights"].append(frobenius_sq(update.left, update.right).cpu())
+            stat["update"] += float(stat["weights"][-1].sum())
+            stat["base"] += float(base_sq.sum())
+            stat["resets"] += int(result.gauge_reset.sum())
+    return [_candidate(step, coef, out, stat) for (step, coef), out, stat in zip(targets, outputs, stats)]
+
+
+def _store(modules, b: torch.Tensor, a: torch.Tensor, out: dict[str, torch.Tensor], trajectory: Trajectory) -> None:
+    """Cast new factors to each key's source dtype, on CPU, and check they are finite."""
+    for i, module in enumerate(modules):
+        for key, value in ((module.b_key, b[i]), (module.a_key, a[i])):
+            if not torch.isfinite(value).all():
+                raise NumericalError(f"{module.name}: the extrapolated factors are not finite; lower the coefficient or use another --method")
+            out[key] = value.to(device="cpu", dtype=getattr(torch, trajectory.dtypes[key])).contiguous()
+
+
+def _candidate(step: float, coef: float, tensors: dict[str, torch.Tensor], stat: dict[str, Any]) -> Candidate:
+    kept, weights = torch.cat(stat["kept"]), torch.cat(stat["weights"]).double()
+    weighted = float((kept * weights).sum() / weights.sum()) if float(weights.sum()) > 0 else 1.0
+    relative = math.sqrt(stat["update"] / stat["base"]) if stat["base"] > 0 else 0.0
+    return Candidate(step, coef, tensors, weighted, float(kept.min()), relative, stat["resets"])

@@ -1,0 +1,266 @@
+"""Build and validate a :class:`~nextoffline.types.Trajectory` from a source (headers only).
+
+Everything a later phase could trip over is checked here, before any work: adapter types,
+configs agreeing across steps, identical keys/shapes/dtypes, ranks matching the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from nextoffline.errors import (
+    AdapterConfigError,
+    AdapterFileError,
+    IncompatibleCheckpointsError,
+    NotEnoughCheckpointsError,
+    SourceNotFoundError,
+    UnsupportedAdapterError,
+    UsageError,
+)
+from nextoffline.formats import detect_format, get_format
+from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights
+from nextoffline.io.reader import open_tensors
+from nextoffline.types import LoraModule, StepRef, Trajectory
+
+__all__ = ["load_trajectory", "parse_adapter_pairs", "read_adapter_config", "module_scaling", "MIN_STEPS"]
+
+LOG = logging.getLogger(__name__)
+
+MIN_STEPS = 3
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LORA_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
+_UNSUPPORTED_KEY_MARKERS = {
+    "lora_magnitude_vector": "DoRA",
+    "hada_w1": "LoHa",
+    "lokr_w1": "LoKr",
+    "vera_lambda": "VeRA",
+    "ia3_l": "IA3",
+}
+_UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "lora_bias", "use_bdlora")
+#: Config fields that must agree between all steps of a trajectory.
+_CONSISTENT_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules")
+
+
+def parse_adapter_pairs(pairs: Sequence[str]) -> dict[int, Path]:
+    """Parse ``STEP=PATH`` options into ``{step: path}``."""
+    result: dict[int, Path] = {}
+    for pair in pairs:
+        step_text, sep, path = pair.partition("=")
+        if not sep or not step_text.strip().isdigit() or not path:
+            raise UsageError(f"--adapter {pair!r}: expected STEP=PATH with an integer step, e.g. --adapter 100=runs/step_100")
+        step = int(step_text)
+        if step in result:
+            raise IncompatibleCheckpointsError(f"--adapter: step {step} given twice ({result[step]}, {path}); keep one path per step")
+        result[step] = Path(path)
+    return result
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` of one adapter folder."""
+    path = folder / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise AdapterConfigError(f"{path}: missing; every adapter folder needs the adapter_config.json that PEFT writes")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterConfigError(f"{path}: invalid JSON ({exc.__class__.__name__}); restore the file PEFT wrote") from None
+    if not isinstance(config, dict):
+        raise AdapterConfigError(f"{path}: expected a JSON object; restore the file PEFT wrote")
+    _check_supported(path, config)
+    return config
+
+
+def _check_supported(path: Path, config: Mapping[str, Any]) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(f"{path}: peft_type {peft_type} is not supported; nextoffline handles plain LoRA adapters only")
+    for option in _UNSUPPORTED_OPTIONS:
+        value = config.get(option)
+        if value and value != "none":
+            name = "DoRA" if option == "use_dora" else option
+            raise UnsupportedAdapterError(f"{path}: {name} ({option}={value!r}) is not supported; train with plain LoRA")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterConfigError(f"{path}: {field} must be a positive number, found {value!r}; restore the file PEFT wrote")
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module name that ends with it (regex suffix)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """``(rank, scaling)`` of one module from its adapter config (rank/alpha patterns, rslora)."""
+    rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return rank, scaling
+
+
+def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, format_name: str | None) -> tuple[str, list[StepRef]]:
+    if adapters:
+        refs = []
+        for step, folder in sorted(adapters.items()):
+            if not folder.is_dir():
+                raise SourceNotFoundError(f"{folder}: adapter folder for step {step} does not exist; fix --adapter {step}=PATH")
+            weights = find_adapter_weights(folder) or folder / "adapter_model.safetensors"
+            refs.append(StepRef(step=step, adapter_dir=folder, weights_file=weights, checkpoint_dir=folder))
+        return "peft", refs
+    assert source is not None
+    if not source.exists():
+        raise SourceNotFoundError(f"{source}: source folder does not exist; pass a run folder, --adapter STEP=PATH or hf://owner/repo")
+    if not source.is_dir():
+        raise SourceNotFoundError(f"{source}: source is not a folder; pass the run folder that holds the checkpoints")
+    fmt = get_format(format_name) if format_name else detect_format(source)
+    refs = fmt.list_steps(source)
+    return fmt.name, refs
+
+
+def load_trajectory(
+    source: Path | None = None,
+    *,
+    adapters: Mapping[int, Path] | None = None,
+    format_name: str | None = None,
+    min_steps: int = MIN_STEPS,
+    source_label: str | None = None,
+) -> Trajectory:
+    """Discover, read headers of, and validate a trajectory.
+
+    Args:
+        source: a local run folder (ignored when ``adapters`` is given).
+        adapters: explicit ``{step: adapter folder}``.
+        format_name: force a registered layout instead of probing.
+        min_steps: fewest checkpoints accepted.
+        source_label: how the source is named in reports (e.g. the ``hf://`` spec).
+
+    Raises:
+        NextOfflineError subclasses with one-line messages for every inconsistency.
+    """
+    fmt_name, refs = _resolve_steps(source, adapters, format_name)
+    root = source if source is not None else Path(".")
+    if len(refs) < min_steps:
+        found = ", ".join(str(r.step) for r in refs) or "none"
+        raise NotEnoughCheckpointsError(f"{root}: found {len(refs)} checkpoint(s) (steps: {found}); at least {min_steps} are needed")
+    configs = [read_adapter_config(ref.adapter_dir) for ref in refs]
+    _check_configs_agree(refs, configs)
+    modules, dtypes, passthrough = _read_layout(refs, configs[-1])
+    return Trajectory(
+        source=root,
+        format_name=fmt_name,
+        steps=tuple(refs),
+        modules=tuple(modules),
+        adapter_config=configs[-1],
+        dtypes=dtypes,
+        passthrough_keys=tuple(passthrough),
+        source_label=source_label or str(root),
+    )
+
+
+def _check_configs_agree(refs: Sequence[StepRef], configs: Sequence[Mapping[str, Any]]) -> None:
+    reference = configs[0]
+    for ref, config in zip(refs[1:], configs[1:]):
+        for field in _CONSISTENT_FIELDS:
+            a, b = _normalised(reference.get(field)), _normalised(config.get(field))
+            if a != b:
+                raise IncompatibleCheckpointsError(
+                    f"{ref.adapter_dir / ADAPTER_CONFIG_NAME}: {field}={config.get(field)!r} differs from step "
+                    f"{refs[0].step} ({reference.get(field)!r}); all checkpoints must come from one run"
+                )
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, list):
+        return sorted(map(str, value))
+    return value
+
+
+def _read_layout(refs: Sequence[StepRef], config: Mapping[str, Any]) -> tuple[list[LoraModule], dict[str, str], list[str]]:
+    """Keys, shapes and dtypes of every step, checked equal; modules built from the latest."""
+    headers = []
+    for ref in refs:
+        reader = open_tensors(ref.weights_file)
+        try:
+            headers.append({k: (reader.shape(k), reader.dtype(k)) for k in reader.keys()})
+        finally:
+            reader.close()
+    reference = headers[-1]
+    for ref, header in zip(refs, headers):
+        _check_same_tensors(ref, header, refs[-1], reference)
+    modules, passthrough = _build_modules(refs[-1].weights_file, reference, config)
+    dtypes = {key: str(dtype).removeprefix("torch.") for key, (_shape, dtype) in reference.items()}
+    return modules, dtypes, passthrough
+
+
+def _check_same_tensors(ref: StepRef, header: Mapping[str, Any], latest: StepRef, reference: Mapping[str, Any]) -> None:
+    if header.keys() != reference.keys():
+        missing = sorted(set(reference) - set(header))[:2]
+        extra = sorted(set(header) - set(reference))[:2]
+        raise IncompatibleCheckpointsError(
+            f"{ref.weights_file}: tensor keys differ from step {latest.step} (missing {missing}, extra {extra}); "
+            "all checkpoints must adapt the same modules"
+        )
+    for key, (shape, dtype) in header.items():
+        ref_shape, ref_dtype = reference[key]
+        if shape != ref_shape:
+            raise IncompatibleCheckpointsError(
+                f"{ref.weights_file}: {key} has shape {list(shape)} but {list(ref_shape)} at step {latest.step}; ranks or models differ"
+            )
+        if dtype != ref_dtype:
+            raise IncompatibleCheckpointsError(
+                f"{ref.weights_file}: {key} is {dtype} but {ref_dtype} at step {latest.step}; save all checkpoints in one dtype"
+            )
+
+
+def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[list[LoraModule], list[str]]:
+    parts: dict[str, dict[str, str]] = {}
+    embeddings: set[str] = set()
+    passthrough: list[str] = []
+    for key in sorted(header):
+        for marker, kind in _UNSUPPORTED_KEY_MARKERS.items():
+            if marker in key:
+                raise UnsupportedAdapterError(f"{weights}: tensor {key} belongs to a {kind} adapter; nextoffline handles plain LoRA only")
+        match = _LORA_KEY.match(key) or _LORA_EMBEDDING_KEY.match(key)
+        if match is None:
+            passthrough.append(key)
+            continue
+        if "lora_embedding" in key:
+            embeddings.add(match["module"])
+        parts.setdefault(match["module"], {})[match["part"]] = key
+    if not parts:
+        raise AdapterFileError(f"{weights}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight); is this a LoRA adapter?")
+    modules = [_make_module(weights, name, keys, header, config, name in embeddings) for name, keys in sorted(parts.items())]
+    if passthrough:
+        LOG.info("%d non-LoRA tensors (e.g. %s) are copied unchanged from the latest checkpoint", len(passthrough), passthrough[0])
+    return modules, passthrough
+
+
+def _make_module(weights: Path, name: str, keys: Mapping[str, str], header: Mapping[str, Any], config: Mapping[str, Any], embedding: bool) -> LoraModule:
+    if set(keys) != {"A", "B"}:
+        raise AdapterFileError(f"{weights}: module {name} has lora_{next(iter(keys))} but not its partner; the file is incomplete")
+    shape_a, shape_b = header[keys["A"]][0], header[keys["B"]][0]
+    if len(shape_a) != 2 or len(shape_b) != 2:
+        raise UnsupportedAdapterError(f"{weights}: {keys['A']} has shape {list(shape_a)}; only 2-D (Linear/Embedding) LoRA is supported")
+    rank, scaling = module_scaling(config, name)
+    if shape_a[0] != rank or shape_b[1] != rank:
+        raise AdapterConfigError(
+            f"{weights}: {name} has rank {shape_a[0]} but adapter_config.json says r={rank}; fix r/rank_pattern in adapter_config.json"
+        )
+    return LoraModule(
+        name=name,
+        a_key=keys["A"],
+        b_key=keys["B"],
+        out_features=int(shape_b[0]),
+        in_features=int(shape_a[1]),
+        rank=rank,
+        scaling=scaling,
+        transposed=embedding or bool(config.get("fan_in_fan_out")),
+    )
