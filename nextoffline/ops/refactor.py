@@ -89,11 +89,20 @@ def _anchor_gauge(gauge: torch.Tensor, u_r: torch.Tensor, s_r: torch.Tensor, v_r
     return new_a, new_b, reset
 
 
-def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate) -> RefactorResult:
-    """Exact factors of rank ``r + p``: ``B' = [B, D_l / s]``, ``A' = [A; D_r]``."""
-    s = scaling.to(update.left).reshape(-1, 1, 1)
-    new_b = torch.cat([b, (update.left / s).to(b.dtype)], dim=-1)
-    new_a = torch.cat([a, update.right.to(a.dtype)], dim=-2)
+def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate, *, rel_tol: float = 1e-7) -> RefactorResult:
+    """Exact factors of rank ``r + p``: ``B' = [B, D_l / s]``, ``A' = [A; D_r]``.
+
+    ``p`` is 1 for rank-1 updates (NExt); a wider update is first compressed to its numerical
+    rank (singular values above ``rel_tol`` of the largest, the widest over the batch).
+    """
+    d_left, d_right = update.left, update.right
+    if d_left.shape[-1] > 1:
+        u, sv, v = _low_rank_svd(d_left, d_right)
+        keep = int((sv > rel_tol * sv[..., :1].clamp_min(1e-300)).sum(-1).max().clamp_min(1))
+        d_left, d_right = (u[..., :keep] * sv[..., None, :keep]).to(b.dtype), v[..., :keep].mT.to(a.dtype)
+    s = scaling.to(d_left).reshape(-1, 1, 1)
+    new_b = torch.cat([b, (d_left / s).to(b.dtype)], dim=-1)
+    new_a = torch.cat([a, d_right.to(a.dtype)], dim=-2)
     ones = torch.ones(b.shape[0], dtype=_F64, device=b.device)
     return RefactorResult(b=new_b, a=new_a, kept_energy=ones, gauge_reset=torch.zeros_like(ones, dtype=torch.bool))
 

@@ -54,7 +54,7 @@ def trajectory_rank1(chunk: FactorChunk) -> TrajectoryRank1:
     safe = root > 0
     weights = torch.where(safe.unsqueeze(-1), e / root.clamp_min(1e-300).unsqueeze(-1), torch.zeros_like(e))
     total = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
-    explained = torch.where(total > 0, top / total.clamp_min(1e-300), torch.ones_like(total))
+    explained = torch.where(total > 0, top / total.clamp_min(1e-300), torch.ones_like(total)).clamp(0, 1)
     return TrajectoryRank1(weights=weights, coefficients=root.unsqueeze(-1) * e, explained=explained)
 
 

@@ -1,0 +1,168 @@
+"""End-to-end extrapolation through the CLI: exactness on known laws, coefficient 0, PEFT loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from nextoffline.cli import main
+from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory
+from tests.conftest import make_trajectory, tree_hashes
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [*map(str, args), "--quiet"], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def effective(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Dense ``s B A`` per module (fine for tiny test shapes)."""
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            out[module] = scaling * tensors[f"{module}.lora_B.weight"].double() @ a.double()
+    return out
+
+
+def truth_at(step: int, law: str, **spec) -> dict[str, torch.Tensor]:
+    full = SyntheticSpec(steps=[step], law=law, **spec)
+    result = {}
+    for index, (name, _o, _i) in enumerate(full.modules):
+        b, a = synthetic_factors(full, step, index)
+        result[f"base_model.model.{name}"] = (full.alpha / full.rank) * b @ a
+    return result
+
+
+def relative_error(pred: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
+    num = sum(float((pred[k] - truth[k]).square().sum()) for k in truth)
+    den = sum(float(t.square().sum()) for t in truth.values())
+    return (num / den) ** 0.5
+
+
+def test_linear_law_is_extrapolated_exactly(tmp_path: Path, linear_run: Path) -> None:
+    code, out = run_cli("extrapolate", linear_run, "--to-step", "120", "--method", "linear", "--out", tmp_path / "out", "--device", "cpu")
+    assert code == 0, out
+    pred = effective(load_file(tmp_path / "out" / "adapter_model.safetensors"), 8 / 4)
+    assert relative_error(pred, truth_at(120, "linear")) <= 1e-3
+
+
+def test_nonlinear_law_auto_beats_linear(tmp_path: Path, sqrt_run: Path) -> None:
+    errors = {}
+    for method in ("linear", "auto"):
+        code, out = run_cli("extrapolate", sqrt_run, "--to-step", "120", "--method", method, "--out", tmp_path / method, "--next-epochs", "50")
+        assert code == 0, out
+        pred = effective(load_file(tmp_path / method / "adapter_model.safetensors"), 8 / 4)
+        errors[method] = relative_error(pred, truth_at(120, "sqrt"))
+    assert errors["auto"] < 0.25 * errors["linear"], errors
+    manifest = json.loads((tmp_path / "auto" / "nextoffline.json").read_text())
+    assert manifest["extrapolation"]["backtest"]["best"] is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_coef_zero_returns_latest_adapter(tmp_path: Path, dtype: torch.dtype) -> None:
+    run = make_trajectory(tmp_path / "run", law="sqrt", noise=0.05, a_drift=0.1, dtype=dtype)
+    code, out = run_cli("extrapolate", run, "--coef", "0", "--method", "linear", "--out", tmp_path / "out")
+    assert code == 0, out
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    latest = load_file(run / "step_80" / "adapter_model.safetensors")
+    assert written.keys() == latest.keys()
+    for key in latest:
+        assert written[key].shape == latest[key].shape and written[key].dtype == latest[key].dtype
+    assert relative_error(effective(written, 2.0), effective(latest, 2.0)) <= 1e-6
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads((run / "step_80" / "adapter_config.json").read_text())
+
+
+def test_single_target_writes_one_adapter_and_never_touches_source(tmp_path: Path, sqrt_run: Path) -> None:
+    before = tree_hashes(sqrt_run)
+    code, out = run_cli("extrapolate", sqrt_run, "--coef", "1", "--method", "power", "--out", tmp_path / "out")
+    assert code == 0, out
+    assert tree_hashes(sqrt_run) == before
+    assert [p.name for p in (tmp_path / "out").rglob("adapter_model.safetensors")] == ["adapter_model.safetensors"]
+    manifest = json.loads((tmp_path / "out" / "nextoffline.json").read_text())
+    assert manifest["source"]["steps"] == list(range(10, 90, 10))
+    assert len(manifest["source"]["files"]) == 8 and all(len(f["weights_sha256"]) == 64 for f in manifest["source"]["files"])
+    assert manifest["selected"]["coef"] == 1.0 and 0 <= manifest["selected"]["kept_energy"] <= 1
+    assert "Extrapolated LoRA adapter" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_output_loads_with_peft(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = make_trajectory(tmp_path / "run", law="sqrt", noise=0.05)
+    for policy in ("keep", "grow"):
+        code, out = run_cli("extrapolate", run, "--coef", "1", "--method", "next", "--next-epochs", "5", "--rank-policy", policy,
+                            "--out", tmp_path / policy)
+        assert code == 0, out
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / policy)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        a = layer.lora_A["default"].weight
+        assert a.shape[0] == (4 if policy == "keep" else 5)  # next predicts a rank-1 update: r + 1 when grown
+        written = load_file(tmp_path / policy / "adapter_model.safetensors")
+        torch.testing.assert_close(a.detach(), written["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_grow_rank_is_exact(tmp_path: Path) -> None:
+    run = make_trajectory(tmp_path / "run", law="sqrt", noise=0.05, a_drift=0.2)
+    outs = {}
+    for policy in ("keep", "grow"):
+        code, out = run_cli("extrapolate", run, "--coef", "2", "--method", "linear@3", "--rank-policy", policy, "--out", tmp_path / policy)
+        assert code == 0, out
+        config = json.loads((tmp_path / policy / "adapter_config.json").read_text())
+        scale = config["lora_alpha"] / config["r"]
+        outs[policy] = (effective(load_file(tmp_path / policy / "adapter_model.safetensors"), scale), config)
+    assert outs["grow"][1]["lora_alpha"] / outs["grow"][1]["r"] == pytest.approx(2.0) and outs["grow"][1]["r"] > 4
+    # keep is the best rank-r approximation of the exact (grow) result: close but not better than it
+    assert relative_error(outs["keep"][0], outs["grow"][0]) < 0.1
+
+
+def test_sweep_without_eval_writes_subfolders(tmp_path: Path, linear_run: Path) -> None:
+    code, out = run_cli("extrapolate", linear_run, "--coef", "0.5,1", "--to-step", "150", "--method", "linear", "--out", tmp_path / "out")
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["coef_0.5", "coef_1", "step_150"]
+
+
+def test_next_predictor_is_deterministic_on_cpu(tmp_path: Path, sqrt_run: Path) -> None:
+    outputs = []
+    for i in range(2):
+        code, out = run_cli("extrapolate", sqrt_run, "--coef", "1", "--method", "next", "--next-epochs", "30", "--out", tmp_path / f"n{i}")
+        assert code == 0, out
+        outputs.append(load_file(tmp_path / f"n{i}" / "adapter_model.safetensors"))
+    for key in outputs[0]:
+        assert torch.equal(outputs[0][key], outputs[1][key])
+    latest = load_file(sqrt_run / "step_80" / "adapter_model.safetensors")
+    assert any(not torch.equal(outputs[0][k], latest[k]) for k in latest)
+
+
+def test_json_outputs(tmp_path: Path, sqrt_run: Path) -> None:
+    code, out = run_cli("inspect", sqrt_run, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["format"] == "peft" and report["steps"] == list(range(10, 90, 10)) and report["num_modules"] == 14
+    assert {"global_rank1_energy", "local_rank1_energy", "step", "global_norm"} <= set(report["per_step"][0])
+    assert 0.99 <= report["trajectory_explained_variance"] <= 1.0
+    code, out = run_cli("backtest", sqrt_run, "--json", "--methods", "linear,power,next", "--next-epochs", "20")
+    result = json.loads(out)
+    assert code == 0 and set(result["errors"]) == {"linear", "power", "next"} and result["heldout_steps"] == [70, 80]
+    assert result["errors"]["power"] < result["errors"]["linear"] < 1.0
+
+
+def test_explicit_adapters(tmp_path: Path) -> None:
+    write_synthetic_trajectory(tmp_path / "a", SyntheticSpec(steps=[10, 20, 30, 40], law="linear"))
+    args = [f"--adapter={s}={tmp_path / 'a' / f'step_{s}'}" for s in (10, 20, 30, 40)]
+    code, out = run_cli("extrapolate", *args, "--to-step", "60", "--method", "linear", "--out", tmp_path / "out")
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("command", ["inspect", "backtest", "extrapolate"])
+def test_every_command_has_help(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
