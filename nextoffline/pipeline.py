@@ -39,6 +39,10 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
+#: ``auto`` only moves the weights when the best backtest error is below this (1.0 = stopping);
+#: smaller gains are within the noise of a two-checkpoint backtest.
+AUTO_MAX_ERROR = 0.95
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -139,12 +143,12 @@ class BacktestResult:
     per_step: dict[str, list[float]]
     failures: dict[str, str]
 
-    def best(self) -> tuple[str | None, float]:
-        """The predictor with the lowest error, or ``(None, 1.0)`` when none beats stopping."""
+    def best(self, max_error: float = AUTO_MAX_ERROR) -> tuple[str | None, float]:
+        """The predictor with the lowest error, or ``(None, 1.0)`` when none clearly beats stopping."""
         if not self.errors:
             return None, 1.0
         name = min(self.errors, key=self.errors.__getitem__)
-        return (name, self.errors[name]) if self.errors[name] < 1.0 else (None, 1.0)
+        return (name, self.errors[name]) if self.errors[name] < max_error else (None, 1.0)
 
     def to_json(self) -> dict[str, Any]:
         name, error = self.best()
@@ -292,7 +296,8 @@ def extrapolate(
         report = backtest(trajectory, auto_candidates(k - holdout), settings, holdout=holdout)
         best, error = report.best()
         if best is None:
-            note = "no predictor beat stopping at the last checkpoint in the backtest: the latest weights are kept unchanged"
+            note = (f"no predictor beat stopping at the last checkpoint in the backtest (best error >= {AUTO_MAX_ERROR}): "
+                    "the latest weights are kept unchanged")
             LOG.warning(note)
             return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
         method = best

@@ -23,6 +23,7 @@ LAWS: dict[str, Callable[[float], float]] = {
     "sqrt": math.sqrt,
     "log": lambda t: math.log1p(t),
     "quadratic": lambda t: t * t,
+    "constant": lambda t: 1.0,
 }
 
 

@@ -17,7 +17,7 @@ from tests.conftest import make_trajectory, tree_hashes
 
 def run_cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, [*map(str, args), "--quiet"], catch_exceptions=False)
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout if result.exit_code == 0 else result.output
 
 
 def effective(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
@@ -166,3 +166,16 @@ def test_explicit_adapters(tmp_path: Path) -> None:
 def test_every_command_has_help(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_auto_keeps_latest_when_nothing_beats_stopping(tmp_path: Path) -> None:
+    run = make_trajectory(tmp_path / "run", law="constant", noise=0.5)
+    code, out = run_cli("extrapolate", run, "--coef", "1", "--method", "auto", "--next-epochs", "20", "--out", tmp_path / "out", "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["method"] == "none" and "kept unchanged" in summary["note"]
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    latest = load_file(run / "step_80" / "adapter_model.safetensors")
+    assert all(torch.equal(written[k], latest[k]) for k in latest)
+    manifest = json.loads((tmp_path / "out" / "nextoffline.json").read_text())
+    assert manifest["extrapolation"]["method"] == "none" and manifest["extrapolation"]["backtest"]["best"] is None
