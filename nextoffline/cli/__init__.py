@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from nextoffline import __version__
-from nextoffline.cli.commands import backtest_cmd, extrapolate_cmd, inspect_cmd
+from nextoffline.cli.commands import backtest_cmd, demo_cmd, extrapolate_cmd, inspect_cmd, push_cmd
 
 __all__ = ["main"]
 
@@ -19,3 +19,5 @@ def main() -> None:
 main.add_command(inspect_cmd)
 main.add_command(backtest_cmd)
 main.add_command(extrapolate_cmd)
+main.add_command(push_cmd)
+main.add_command(demo_cmd)

@@ -8,7 +8,7 @@ import click
 
 from nextoffline.cli.options import Common, command_line, common_options, compute_options, echo_json, parse_float_list, resolve_source, source_options
 
-__all__ = ["inspect_cmd", "backtest_cmd", "extrapolate_cmd"]
+__all__ = ["inspect_cmd", "backtest_cmd", "extrapolate_cmd", "push_cmd"]
 
 
 def _load(source, adapters, format_name, token, common: Common, *, trainer_state: bool = False):
@@ -101,3 +101,57 @@ def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_
     summary = run_extrapolate(trajectory, settings, out_dir=out_dir, method=method, coefs=coefs, to_steps=steps, rank_policy=rank_policy,
                               holdout=holdout, resumable=resumable, overwrite=overwrite, evaluation=evaluation, command=command_line())
     echo_json(summary) if as_json else click.echo(render_extrapolation(summary))
+
+
+@click.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Target repo, owner/name (created if missing).")
+@click.option("--branch", default=None, help="Branch to commit to (created if missing; default main).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--token", default=None, envvar="HF_TOKEN", help="Hugging Face token (default: $HF_TOKEN).")
+@click.option("--commit-message", default=None, help="Commit message (default names the source and predictor).")
+@common_options
+def push_cmd(folder: Path, repo_id, branch, private, token, commit_message, common: Common) -> None:
+    """Upload an extrapolated adapter folder to the Hugging Face Hub in one commit; print its URL."""
+    import json
+
+    from nextoffline import hub
+    from nextoffline.errors import OutputError
+
+    manifest_path = folder / "nextoffline.json"
+    if not (folder / "adapter_model.safetensors").is_file() or not manifest_path.is_file():
+        raise OutputError(f"{folder}: not an extrapolated adapter folder (adapter_model.safetensors and nextoffline.json expected); "
+                          "pass the --out folder of `nextoffline extrapolate`")
+    if commit_message is None:
+        manifest = json.loads(manifest_path.read_text())
+        commit_message = (f"nextoffline: {manifest['extrapolation']['method']} extrapolation of {manifest['source']['label']} "
+                          f"to step {manifest['selected']['step']:g}")
+    url = hub.push_folder(folder, repo_id=repo_id, branch=branch, private=private, token=token, commit_message=commit_message)
+    click.echo(url)
+
+
+EXAMPLE_TRAJECTORY = Path(__file__).resolve().parent.parent / "data" / "example_grpo"
+
+
+@click.command("demo")
+@click.option("--out", "out_dir", default="nextoffline-demo", show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--next-epochs", type=click.IntRange(1), default=200, show_default=True, help="NExt training epochs.")
+@common_options
+def demo_cmd(out_dir: Path, device: str, next_epochs: int, common: Common) -> None:
+    """Run inspect, backtest and a resumable extrapolation on the bundled TRL GRPO example run."""
+    from nextoffline.cli.render import render_backtest, render_extrapolation, render_inspect
+    from nextoffline.pipeline import backtest, inspect_trajectory
+    from nextoffline.ops.predictors import auto_candidates
+    from nextoffline.sweep import run_extrapolate
+    from nextoffline.trajectory import load_trajectory
+
+    trajectory = load_trajectory(EXAMPLE_TRAJECTORY, source_label="bundled example (TRL GRPO + LoRA, tiny model)")
+    settings = _settings(device, 256, common, next_options={"epochs": next_epochs})
+    click.echo("== inspect\n" + render_inspect(inspect_trajectory(trajectory, settings)))
+    result = backtest(trajectory, auto_candidates(len(trajectory.steps) - 2), settings)
+    click.echo("\n== backtest\n" + render_backtest(result))
+    summary = run_extrapolate(trajectory, settings, out_dir=out_dir, method="auto", coefs=[1.0], to_steps=[], rank_policy="keep", holdout=2,
+                              resumable=True, overwrite=(out_dir / "nextoffline.json").is_file(),  # only replace an earlier output
+                              evaluation=None, command=command_line())
+    click.echo("\n== extrapolate (auto, coefficient 1)\n" + render_extrapolation(summary))
