@@ -60,8 +60,17 @@ def parse_adapter_pairs(pairs: Sequence[str]) -> dict[int, Path]:
     return result
 
 
-def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """Read and check ``adapter_config.json`` of one adapter folder."""
+def read_adapter_config(folder: Path, fmt: Any = None, ref: StepRef | None = None) -> dict[str, Any]:
+    """Read and check the adapter config of one step.
+
+    A format may provide it itself (``fmt.adapter_config(ref)``, e.g. verl 0.9 keeps rank and
+    alpha in ``lora_train_meta.json``); otherwise ``adapter_config.json`` of the folder is read.
+    """
+    provider = getattr(fmt, "adapter_config", None)
+    if provider is not None and ref is not None:
+        config = provider(ref)
+        _check_supported(ref.adapter_dir, config)
+        return config
     path = folder / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise AdapterConfigError(f"{path}: missing; every adapter folder needs the adapter_config.json that PEFT writes")
@@ -106,7 +115,7 @@ def module_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     return rank, scaling
 
 
-def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, format_name: str | None) -> tuple[str, list[StepRef]]:
+def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, format_name: str | None) -> tuple[Any, list[StepRef]]:
     if adapters:
         refs = []
         for step, folder in sorted(adapters.items()):
@@ -114,7 +123,7 @@ def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, for
                 raise SourceNotFoundError(f"{folder}: adapter folder for step {step} does not exist; fix --adapter {step}=PATH")
             weights = find_adapter_weights(folder) or folder / "adapter_model.safetensors"
             refs.append(StepRef(step=step, adapter_dir=folder, weights_file=weights, checkpoint_dir=folder))
-        return "peft", refs
+        return get_format("peft"), refs
     assert source is not None
     if not source.exists():
         raise SourceNotFoundError(f"{source}: source folder does not exist; pass a run folder, --adapter STEP=PATH or hf://owner/repo")
@@ -122,7 +131,7 @@ def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, for
         raise SourceNotFoundError(f"{source}: source is not a folder; pass the run folder that holds the checkpoints")
     fmt = get_format(format_name) if format_name else detect_format(source)
     refs = fmt.list_steps(source)
-    return fmt.name, refs
+    return fmt, refs
 
 
 def load_trajectory(
@@ -145,17 +154,17 @@ def load_trajectory(
     Raises:
         NextOfflineError subclasses with one-line messages for every inconsistency.
     """
-    fmt_name, refs = _resolve_steps(source, adapters, format_name)
+    fmt, refs = _resolve_steps(source, adapters, format_name)
     root = source if source is not None else Path(".")
     if len(refs) < min_steps:
         found = ", ".join(str(r.step) for r in refs) or "none"
         raise NotEnoughCheckpointsError(f"{root}: found {len(refs)} checkpoint(s) (steps: {found}); at least {min_steps} are needed")
-    configs = [read_adapter_config(ref.adapter_dir) for ref in refs]
+    configs = [read_adapter_config(ref.adapter_dir, fmt, ref) for ref in refs]
     _check_configs_agree(refs, configs)
     modules, dtypes, passthrough = _read_layout(refs, configs[-1])
     return Trajectory(
         source=root,
-        format_name=fmt_name,
+        format_name=fmt.name,
         steps=tuple(refs),
         modules=tuple(modules),
         adapter_config=configs[-1],

@@ -5,13 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nextoffline.errors import FormatDetectionError
-from nextoffline.formats import peft_dir, trl  # noqa: F401  (registration side effects)
+from nextoffline.formats import openrlhf, peft_dir, trl, verl  # noqa: F401  (each registers itself)
 from nextoffline.formats.base import FORMATS, CheckpointFormat, describe_formats, get_format, parse_step_dir
-
-try:  # trainer layouts added alongside; each registers itself on import
-    from nextoffline.formats import openrlhf, verl  # noqa: F401
-except ImportError:  # pragma: no cover - only while a format module is being added
-    pass
 
 __all__ = ["FORMATS", "CheckpointFormat", "detect_format", "get_format", "parse_step_dir"]
 
