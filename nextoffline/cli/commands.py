@@ -87,11 +87,14 @@ def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_
                     next_epochs, resumable, eval_cmd, eval_lower_is_better, eval_timeout, keep_all, overwrite, as_json, common: Common) -> None:
     """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout)."""
     from nextoffline.cli.render import render_extrapolation
+    from nextoffline.errors import UsageError
     from nextoffline.io.writer import check_output_location
     from nextoffline.ops.predictors import parse_predictor_name
     from nextoffline.sweep import EvalSpec, run_extrapolate
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
+    if resumable and rank_policy == "grow":
+        raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
     if method != "auto":
         parse_predictor_name(method)
     trajectory = _load(source, adapters, format_name, token, common, trainer_state=resumable)
