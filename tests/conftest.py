@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from nextoffline.synthetic import SyntheticSpec, write_synthetic_trajectory  # noqa: E402
 
+pytest_plugins = ["tests.conftest_hub"]  # hub_server / hub_env fixtures (local Hub-compatible server)
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
 
