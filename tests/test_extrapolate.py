@@ -179,3 +179,31 @@ def test_auto_keeps_latest_when_nothing_beats_stopping(tmp_path: Path) -> None:
     assert all(torch.equal(written[k], latest[k]) for k in latest)
     manifest = json.loads((tmp_path / "out" / "nextoffline.json").read_text())
     assert manifest["extrapolation"]["method"] == "none" and manifest["extrapolation"]["backtest"]["best"] is None
+
+
+def _dora(run: Path) -> None:
+    config = json.loads((run / "step_10" / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (run / "step_10" / "adapter_config.json").write_text(json.dumps(config))
+
+
+def _mismatch_rank(run: Path) -> None:
+    write_synthetic_trajectory(run, SyntheticSpec(steps=[20], rank=2, alpha=4.0))
+
+
+@pytest.mark.parametrize("case, prepare, needle", [
+    ("missing", None, "does not exist"),
+    ("empty", lambda run: None, "no checkpoints found"),
+    ("two_steps", lambda run: write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20])), "at least 3"),
+    ("rank_mismatch", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 30, 40])), _mismatch_rank(run)), "differs"),
+    ("dora", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20, 30])), _dora(run)), "DoRA"),
+])
+def test_bad_sources_give_one_line_errors(tmp_path: Path, case: str, prepare, needle: str) -> None:
+    run = tmp_path / "run"
+    if prepare is not None:
+        run.mkdir()
+        prepare(run)
+    result = CliRunner().invoke(main, ["extrapolate", str(run), "--coef", "1", "--out", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ") and needle in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
