@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nextoffline.ops.decompose import Triplets, align_signs, align_to, difference_factors, top_triplet
+from nextoffline.ops.decompose import Triplets, align_signs, align_to, difference_factors, mat_times, normalised, row_times, solve_balanced
 
 __all__ = ["FactorChunk", "Rank1Features", "rank1_features"]
 
@@ -66,16 +66,117 @@ def rank1_features(chunk: FactorChunk, *, horizon: int, lag: int = 1) -> Rank1Fe
 
     Each sequence is sign-aligned along the steps; each target is first aligned to the local
     delta of its step (the most recent movement), so the learning problem is consistent.
+
+    Cost: the Gram blocks of every delta are built from the pieces they share. A delta
+    ``dW_t1 - dW_t0 = s [D, B_t0] @ [A_t1; F]`` (``D = B_t1 - B_t0``, ``F = A_t1 - A_t0``) needs
+    only ``D^T [D, B_t0]`` and ``F [F; A_t0]^T`` besides the global Grams ``B^T B``, ``A A^T``
+    of its two steps, and with ``lag == 1`` the global Grams follow from the same blocks
+    (``B_t^T B_t = B_t0^T B_t0 + D^T B_t0 + B_t0^T D + D^T D``). So every step costs about two
+    ``(m + n) r^2`` GEMMs for its global and local triplets, plus two per target.
     """
     k = chunk.num_steps
-    global_ = align_signs([top_triplet(*chunk.update(t)) for t in range(k)])
-    local_seq = [top_triplet(*chunk.delta(t, t - lag)) for t in range(lag, k)]
+    grams = _GlobalGrams(chunk)
+    grams.compute([0] if lag == 1 else list(range(k)))
+    scratch = _Scratch(chunk)
+    local_seq: list[Triplets] = []
+    for start in range(lag, k, _PAIR_BATCH):
+        t1 = list(range(start, min(start + _PAIR_BATCH, k)))
+        local_seq.extend(_pair_triplets(chunk, grams, t1, [t - lag for t in t1], scratch, derive_globals=lag == 1))
     local: list[Triplets | None] = [None] * lag + list(align_signs(local_seq))
+    global_ = grams.triplets()
     target: list[Triplets | None] = [None] * k
+    targets: list[Triplets] = []
+    for start in range(0, max(k - horizon, 0), _PAIR_BATCH):
+        t0 = list(range(start, min(start + _PAIR_BATCH, k - horizon)))
+        targets.extend(_pair_triplets(chunk, grams, [t + horizon for t in t0], t0, scratch, derive_globals=False))
     previous: Triplets | None = None
-    for t in range(k - horizon):
-        triplet = top_triplet(*chunk.delta(t + horizon, t))
+    for t, triplet in enumerate(targets):
         reference = previous if previous is not None else local[t]
         target[t] = align_to(triplet, reference) if reference is not None else triplet
         previous = target[t]
-    return Rank1Features(global_=global_, local=local, target=target)
+    return Rank1Features(global_=align_signs(global_), local=local, target=target)
+
+
+#: Steps whose delta blocks are formed at once (bounds the extra memory to ~this many steps).
+_PAIR_BATCH = 4
+_F64 = torch.float64
+
+
+class _GlobalGrams:
+    """``B_t^T B_t`` and ``A_t A_t^T`` (float64) of every step, computed or derived once."""
+
+    def __init__(self, chunk: FactorChunk) -> None:
+        self.chunk = chunk
+        self.gb: dict[int, torch.Tensor] = {}
+        self.ga: dict[int, torch.Tensor] = {}
+
+    def compute(self, steps: list[int]) -> None:
+        b, a = self.chunk.b[steps], self.chunk.a[steps]
+        gb, ga = (b.mT @ b).to(_F64), (a @ a.mT).to(_F64)
+        for i, t in enumerate(steps):
+            self.gb[t], self.ga[t] = gb[i], ga[i]
+
+    def triplets(self) -> list[Triplets]:
+        chunk, k = self.chunk, self.chunk.num_steps
+        s2 = chunk.scaling.to(_F64).square().reshape(-1, 1, 1)
+        gl = torch.stack([self.gb[t] for t in range(k)]) * s2
+        gr = torch.stack([self.ga[t] for t in range(k)])
+        coef_v, coef_u = solve_balanced(gl, gr)
+        v = row_times(coef_v, chunk.a)
+        u = mat_times(chunk.b, coef_u).mul_(chunk.scaling.to(chunk.b.dtype).reshape(-1, 1))
+        batch = normalised(u, v)
+        return [Triplets(batch.sigma[t], batch.u[t], batch.v[t]) for t in range(k)]
+
+
+def _steps_index(steps: list[int]) -> slice | list[int]:
+    """A slice when ``steps`` is a contiguous run (no gather copy), else the list."""
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return slice(steps[0], steps[-1] + 1)
+    return steps
+
+
+class _Scratch:
+    """Difference buffers for up to ``_PAIR_BATCH`` step pairs, allocated once per call
+    (filling fresh memory costs several times more than reusing it)."""
+
+    def __init__(self, chunk: FactorChunk) -> None:
+        self.chunk = chunk
+        self.d: torch.Tensor | None = None
+        self.f: torch.Tensor | None = None
+
+    def take(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.d is None:
+            size = min(_PAIR_BATCH, max(self.chunk.num_steps - 1, 1))
+            self.d = torch.empty((size, *self.chunk.b.shape[1:]), dtype=self.chunk.b.dtype, device=self.chunk.b.device)
+            self.f = torch.empty((size, *self.chunk.a.shape[1:]), dtype=self.chunk.a.dtype, device=self.chunk.a.device)
+        assert self.f is not None
+        return self.d[:pairs], self.f[:pairs]
+
+
+def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: list[int], scratch: _Scratch, *,
+                   derive_globals: bool) -> list[Triplets]:
+    """Top triplets of ``dW_t1 - dW_t0`` for the given step pairs (all modules), never dense."""
+    b1, b0 = chunk.b[_steps_index(t1)], chunk.b[_steps_index(t0)]
+    a1, a0 = chunk.a[_steps_index(t1)], chunk.a[_steps_index(t0)]
+    d, f = scratch.take(len(t1))
+    torch.sub(b1, b0, out=d)  # (P, N, m, r)
+    torch.sub(a1, a0, out=f)  # (P, N, r, n)
+    dd, db = (d.mT @ d).to(_F64), (d.mT @ b0).to(_F64)
+    ff, fa = (f @ f.mT).to(_F64), (f @ a0.mT).to(_F64)
+    if derive_globals:  # pairs (t, t - 1) in increasing t
+        for i, (s1, s0) in enumerate(zip(t1, t0)):
+            grams.gb[s1] = grams.gb[s0] + db[i] + db[i].mT + dd[i]
+            grams.ga[s1] = grams.ga[s0] + fa[i] + fa[i].mT + ff[i]
+    gb0 = torch.stack([grams.gb[t] for t in t0])
+    ga1 = torch.stack([grams.ga[t] for t in t1])
+    s2 = chunk.scaling.to(_F64).square().reshape(-1, 1, 1)
+    gl = torch.cat([torch.cat([dd, db], -1), torch.cat([db.mT, gb0], -1)], -2) * s2
+    cross = fa.mT + ff  # A_t1 F^T
+    gr = torch.cat([torch.cat([ga1, cross], -1), torch.cat([cross.mT, ff], -1)], -2)
+    coef_v, coef_u = solve_balanced(gl, gr)
+    r = chunk.b.shape[-1]
+    v = row_times(coef_v[..., :r], a1).add_(row_times(coef_v[..., r:], f))
+    u = mat_times(d, coef_u[..., :r]).add_(mat_times(b0, coef_u[..., r:]))
+    u.mul_(chunk.scaling.to(chunk.b.dtype).reshape(-1, 1))
+    batch = normalised(u, v)
+    return [Triplets(batch.sigma[i], batch.u[i], batch.v[i]) for i in range(len(t1))]

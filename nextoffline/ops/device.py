@@ -47,4 +47,7 @@ def to_compute(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype = 
         widened.copy_(tensor.view(torch.int16))
         widened.bitwise_left_shift_(16)
         return widened.view(torch.float32)
+    if device.type == "cuda" and tensor.device.type == "cpu" and tensor.element_size() < torch.finfo(dtype).bits // 8:
+        # copy the narrow stored bytes (pinned memory: asynchronous), widen on the GPU
+        return tensor.to(device=device, non_blocking=tensor.is_pinned()).to(dtype)
     return tensor.to(device=device, dtype=dtype, non_blocking=True)
