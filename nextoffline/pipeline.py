@@ -117,7 +117,7 @@ def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[st
                 "step": step,
                 "global_rank1_energy": _ratio(global_top[i], global_total[i]),
                 "local_rank1_energy": _ratio(local_top[i], local_total[i]) if i else None,
-                "global_norm": math.sqrt(float(global_total[i])),
+                "global_norm": math.sqrt(float(global_total[i])) / (trajectory.factor_scale[0] * trajectory.factor_scale[1]),
             }
             for i, step in enumerate(trajectory.step_numbers)
         ],
@@ -180,7 +180,7 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
     if holdout < 1 or k - holdout < 3:
         raise NotEnoughCheckpointsError(
             f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
-            "at least 3 are needed: lower --holdout"
+            "at least 3 are needed: lower --holdout, or (extrapolate) pick a predictor with --method to skip the backtest"
         )
     prefix = list(range(k - holdout))
     horizon = settings.horizon or default_horizon(len(prefix))
@@ -202,7 +202,7 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
 
 
 def _safe_sqrt_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else (0.0 if float(num) == 0 else math.inf)
+    return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else (1.0 if float(num) == 0 else math.inf)
 
 
 def _fit_predictors(
@@ -320,7 +320,11 @@ def _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings
 def _latest_tensors(trajectory: Trajectory) -> dict[str, torch.Tensor]:
     with open_readers(trajectory) as readers:
         latest = readers[-1]
-        return {key: latest.get(key).clone() for key in latest.keys()}
+        tensors = {key: latest.get(key).clone() for key in latest.keys()}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NumericalError(f"{latest.path}: tensor {key} holds NaN or Inf; use an earlier checkpoint or drop this step")
+    return tensors
 
 
 def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: list[tuple[float, float]], rank_policy: str, settings: RunSettings) -> list[Candidate]:
@@ -346,11 +350,15 @@ def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: lis
 
 def _store(modules, b: torch.Tensor, a: torch.Tensor, out: dict[str, torch.Tensor], trajectory: Trajectory) -> None:
     """Cast new factors to each key's source dtype, on CPU, and check they are finite."""
+    scale_b, scale_a = trajectory.factor_scale
     for i, module in enumerate(modules):
-        for key, value in ((module.b_key, b[i]), (module.a_key, a[i])):
-            if not torch.isfinite(value).all():
-                raise NumericalError(f"{module.name}: the extrapolated factors are not finite; lower the coefficient or use another --method")
-            out[key] = value.to(device="cpu", dtype=getattr(torch, trajectory.dtypes[key])).contiguous()
+        for key, value, scale in ((module.b_key, b[i], scale_b), (module.a_key, a[i], scale_a)):
+            value = value if scale == 1.0 else value / scale  # undo the exact power-of-two compute scaling
+            value = value.to(device="cpu", dtype=getattr(torch, trajectory.dtypes[key])).contiguous()
+            if not torch.isfinite(value).all():  # after the cast: float16 overflows at 65504
+                raise NumericalError(f"{module.name}: the extrapolated factors are not finite in {trajectory.dtypes[key]}; "
+                                     "lower the coefficient or use another --method")
+            out[key] = value
 
 
 def _candidate(step: float, coef: float, tensors: dict[str, torch.Tensor], stat: dict[str, Any]) -> Candidate:

@@ -34,14 +34,26 @@ LOG = logging.getLogger(__name__)
 MIN_STEPS = 3
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _LORA_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
+#: Tensor-name components (prefixes) that belong to other adapter types.
 _UNSUPPORTED_KEY_MARKERS = {
     "lora_magnitude_vector": "DoRA",
-    "hada_w1": "LoHa",
-    "lokr_w1": "LoKr",
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
     "vera_lambda": "VeRA",
     "ia3_l": "IA3",
+    "prompt_embeddings": "prompt tuning",
+    "lora_E": "AdaLoRA",
+    "oft_R": "OFT",
+    "boft_R": "BOFT",
 }
-_UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "lora_bias", "use_bdlora")
+_UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "lora_bias", "use_bdlora", "target_parameters", "layer_replication")
+_OPTION_NAMES = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA bias", "use_bdlora": "BD-LoRA",
+                 "target_parameters": "LoRA on parameters", "layer_replication": "layer replication"}
+#: Scalings outside this range cannot be computed with in float32 (and no real run uses them).
+_SCALING_RANGE = (1e-12, 1e12)
+#: Factors are rescaled by a power of two when the latest step's magnitudes leave this range.
+_COMFORT_RANGE = (2.0**-20, 2.0**4)
+_SCALE_PROBE_MODULES = 16
 #: Config fields that must agree between all steps of a trajectory.
 _CONSISTENT_FIELDS = ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules")
 
@@ -55,7 +67,7 @@ def parse_adapter_pairs(pairs: Sequence[str]) -> dict[int, Path]:
             raise UsageError(f"--adapter {pair!r}: expected STEP=PATH with an integer step, e.g. --adapter 100=runs/step_100")
         step = int(step_text)
         if step in result:
-            raise IncompatibleCheckpointsError(f"--adapter: step {step} given twice ({result[step]}, {path}); keep one path per step")
+            raise IncompatibleCheckpointsError(f"--adapter {step}=...: step {step} given twice ({result[step]}, {path}); keep one --adapter per step")
         result[step] = Path(path)
     return result
 
@@ -76,8 +88,10 @@ def read_adapter_config(folder: Path, fmt: Any = None, ref: StepRef | None = Non
         raise AdapterConfigError(f"{path}: missing; every adapter folder needs the adapter_config.json that PEFT writes")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterConfigError(f"{path}: invalid JSON ({exc.__class__.__name__}); restore the file PEFT wrote") from None
+    except OSError as exc:
+        raise AdapterConfigError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
     if not isinstance(config, dict):
         raise AdapterConfigError(f"{path}: expected a JSON object; restore the file PEFT wrote")
     _check_supported(path, config)
@@ -85,18 +99,56 @@ def read_adapter_config(folder: Path, fmt: Any = None, ref: StepRef | None = Non
 
 
 def _check_supported(path: Path, config: Mapping[str, Any]) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    """Reject non-LoRA adapters, unsupported LoRA options and malformed fields (one clear line each)."""
+    fix = "restore the file PEFT wrote"
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise AdapterConfigError(f"{path}: peft_type must be a string such as \"LORA\", found {peft_type!r}; {fix}")
+    if peft_type.upper() != "LORA":
         raise UnsupportedAdapterError(f"{path}: peft_type {peft_type} is not supported; nextoffline handles plain LoRA adapters only")
     for option in _UNSUPPORTED_OPTIONS:
         value = config.get(option)
         if value and value != "none":
-            name = "DoRA" if option == "use_dora" else option
-            raise UnsupportedAdapterError(f"{path}: {name} ({option}={value!r}) is not supported; train with plain LoRA")
+            raise UnsupportedAdapterError(f"{path}: {_OPTION_NAMES[option]} ({option}={value!r}) is not supported; train with plain LoRA")
     for field in ("r", "lora_alpha"):
         value = config.get(field)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterConfigError(f"{path}: {field} must be a positive number, found {value!r}; restore the file PEFT wrote")
+        if not _is_number(value) or not value > 0:
+            raise AdapterConfigError(f"{path}: {field} must be a positive number, found {value!r}; {fix}")
+    if float(config["r"]) != int(config["r"]):
+        raise AdapterConfigError(f"{path}: r must be a whole number, found {config['r']!r}; {fix}")
+    for field in ("use_rslora", "fan_in_fan_out"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise AdapterConfigError(f"{path}: {field} must be true or false, found {config[field]!r}; {fix}")
+    target = config.get("target_modules")
+    if target is not None and not isinstance(target, str) and not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+        raise AdapterConfigError(f"{path}: target_modules must be a list of module names or a string, found {target!r}; {fix}")
+    for field, base in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise AdapterConfigError(f"{path}: {field} must be an object mapping module patterns to numbers, found {patterns!r}; {fix}")
+        for key, value in patterns.items():
+            if not _is_number(value) or not value > 0 or (base == "r" and float(value) != int(value)):
+                raise AdapterConfigError(f"{path}: {field}[{key!r}] must be a positive {'whole ' if base == 'r' else ''}number, found {value!r}; {fix}")
+            try:
+                re.compile(key)
+            except (re.error, RecursionError):
+                raise AdapterConfigError(f"{path}: {field} key {key!r} is not a valid regular expression; {fix}") from None
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+    alphas = [config["lora_alpha"], *(config.get("alpha_pattern") or {}).values()]
+    for rank in ranks:
+        for alpha in alphas:
+            scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            if not _SCALING_RANGE[0] <= scaling <= _SCALING_RANGE[1]:
+                raise AdapterConfigError(
+                    f"{path}: lora_alpha {alpha:g} with r {rank:g} gives the LoRA scaling {scaling:.3g}, outside "
+                    f"[{_SCALING_RANGE[0]:g}, {_SCALING_RANGE[1]:g}]; {fix}"
+                )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -155,10 +207,15 @@ def load_trajectory(
         NextOfflineError subclasses with one-line messages for every inconsistency.
     """
     fmt, refs = _resolve_steps(source, adapters, format_name)
-    root = source if source is not None else Path(".")
     if len(refs) < min_steps:
         found = ", ".join(str(r.step) for r in refs) or "none"
-        raise NotEnoughCheckpointsError(f"{root}: found {len(refs)} checkpoint(s) (steps: {found}); at least {min_steps} are needed")
+        where = source if source is not None else "--adapter"
+        raise NotEnoughCheckpointsError(
+            f"{where}: found {len(refs)} checkpoint(s) (steps: {found}); at least {min_steps} are needed: "
+            "save checkpoints more often or point at a run with more of them"
+        )
+    # with explicit adapters there is no run folder: the latest adapter stands for it (never the working directory)
+    root = source if source is not None else refs[-1].adapter_dir
     configs = [read_adapter_config(ref.adapter_dir, fmt, ref) for ref in refs]
     _check_configs_agree(refs, configs)
     modules, dtypes, passthrough = _read_layout(refs, configs[-1])
@@ -170,8 +227,36 @@ def load_trajectory(
         adapter_config=configs[-1],
         dtypes=dtypes,
         passthrough_keys=tuple(passthrough),
-        source_label=source_label or str(root),
+        source_label=source_label or (str(root) if source is not None else "explicit adapters"),
+        factor_scale=_factor_scale(refs[-1].weights_file, modules),
     )
+
+
+def _power_of_two_scale(magnitude: float) -> float:
+    if not math.isfinite(magnitude) or magnitude <= 0 or _COMFORT_RANGE[0] <= magnitude <= _COMFORT_RANGE[1]:
+        return 1.0
+    return 2.0 ** -round(math.log2(magnitude))
+
+
+def _factor_scale(weights: Path, modules: Sequence[LoraModule]) -> tuple[float, float]:
+    """Exact power-of-two multipliers ``(for s*B, for A)`` that bring extreme factors near 1.
+
+    fp32 arithmetic on factors of ~1e15 overflows (squares) and on ~1e-30 underflows; the
+    compute path multiplies B and A by these (1.0 for ordinary adapters) and divides the
+    results back before writing, so nothing changes except that extreme runs stay finite.
+    Probed on a few modules of the latest step (a cheap read).
+    """
+    top_b = top_a = 0.0
+    reader = open_tensors(weights)
+    try:
+        for module in modules[:_SCALE_PROBE_MODULES]:
+            b = reader.get(module.b_key).float().abs().nan_to_num(0.0, posinf=0.0)
+            a = reader.get(module.a_key).float().abs().nan_to_num(0.0, posinf=0.0)
+            top_b = max(top_b, float(b.max()) * module.scaling if b.numel() else 0.0)
+            top_a = max(top_a, float(a.max()) if a.numel() else 0.0)
+    finally:
+        reader.close()
+    return _power_of_two_scale(top_b), _power_of_two_scale(top_a)
 
 
 def _check_configs_agree(refs: Sequence[StepRef], configs: Sequence[Mapping[str, Any]]) -> None:
@@ -225,8 +310,13 @@ def _check_same_tensors(ref: StepRef, header: Mapping[str, Any], latest: StepRef
             )
         if dtype != ref_dtype:
             raise IncompatibleCheckpointsError(
-                f"{ref.weights_file}: {key} is {dtype} but {ref_dtype} at step {latest.step}; save all checkpoints in one dtype"
+                f"{ref.weights_file}: {key} is {_dtype_name(dtype)} but {_dtype_name(ref_dtype)} at step {latest.step}; "
+                "save all checkpoints in one dtype"
             )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[list[LoraModule], list[str]]:
@@ -235,8 +325,8 @@ def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str
     passthrough: list[str] = []
     for key in sorted(header):
         for marker, kind in _UNSUPPORTED_KEY_MARKERS.items():
-            if marker in key:
-                raise UnsupportedAdapterError(f"{weights}: tensor {key} belongs to a {kind} adapter; nextoffline handles plain LoRA only")
+            if any(part.startswith(marker) for part in key.split(".")):
+                raise UnsupportedAdapterError(f"{weights}: tensor {key} is not plain LoRA ({kind}); nextoffline handles plain LoRA adapters only")
         match = _LORA_KEY.match(key) or _LORA_EMBEDDING_KEY.match(key)
         if match is None:
             passthrough.append(key)
@@ -256,8 +346,17 @@ def _make_module(weights: Path, name: str, keys: Mapping[str, str], header: Mapp
     if set(keys) != {"A", "B"}:
         raise AdapterFileError(f"{weights}: module {name} has lora_{next(iter(keys))} but not its partner; the file is incomplete")
     shape_a, shape_b = header[keys["A"]][0], header[keys["B"]][0]
-    if len(shape_a) != 2 or len(shape_b) != 2:
-        raise UnsupportedAdapterError(f"{weights}: {keys['A']} has shape {list(shape_a)}; only 2-D (Linear/Embedding) LoRA is supported")
+    for part in ("A", "B"):
+        shape, dtype = header[keys[part]]
+        if len(shape) != 2:
+            raise UnsupportedAdapterError(f"{weights}: {keys[part]} has shape {list(shape)}; only 2-D (Linear/Embedding) LoRA is supported")
+        if 0 in shape:
+            raise AdapterFileError(f"{weights}: {keys[part]} is empty (shape {list(shape)}); re-save this checkpoint")
+        if not dtype.is_floating_point:
+            raise AdapterFileError(
+                f"{weights}: {keys[part]} is {str(dtype).removeprefix('torch.')}, but LoRA factors are floating point; "
+                "re-save the adapter in float32, float16 or bfloat16"
+            )
     rank, scaling = module_scaling(config, name)
     if shape_a[0] != rank or shape_b[1] != rank:
         raise AdapterConfigError(

@@ -64,6 +64,9 @@ class Trajectory:
     dtypes: Mapping[str, str]
     passthrough_keys: tuple[str, ...] = ()
     source_label: str = ""
+    #: Exact power-of-two multipliers applied to ``s B`` and ``A`` for computing (1.0 unless the
+    #: factors are extreme, e.g. ~1e15 or ~1e-30); results are divided back before writing.
+    factor_scale: tuple[float, float] = (1.0, 1.0)
 
     @property
     def step_numbers(self) -> list[int]:

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +48,42 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, verbose: int, quiet: bool, **kwargs: Any) -> Any:
         _setup_logging(verbose, quiet)
+        previous = _terminate_as_interrupt()
         try:
             return func(*args, common=Common(verbose, quiet), **kwargs)
         except NextOfflineError as exc:
             if verbose:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
+            click.echo("error: interrupted; nothing partial was left behind", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _one_line(text: str) -> str:
+    """Messages are one line: newlines (e.g. from a quoted file name) are shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _terminate_as_interrupt() -> Any:
+    """Let SIGTERM (``kill``, job schedulers) unwind like Ctrl-C, so temporary output is removed.
+
+    Returns the previous handler to restore, or ``None`` when not installable (not the main thread).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -117,6 +142,9 @@ def command_line() -> str:
 
 
 def echo_json(payload: Any) -> None:
+    """Strict JSON on stdout (NaN/Infinity, e.g. an undefined backtest error, become ``null``)."""
     import json
 
-    click.echo(json.dumps(payload, indent=2, default=str))
+    from nextoffline.io.writer import json_safe
+
+    click.echo(json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from nextoffline.errors import IncompatibleCheckpointsError
+from nextoffline.errors import AdapterConfigError, IncompatibleCheckpointsError
 from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights, parse_step_dir, register_format
 from nextoffline.io.writer import copy_file
 from nextoffline.types import ResumeInfo, StepRef
@@ -18,9 +18,15 @@ def step_named_adapters(root: Path) -> list[StepRef]:
     refs: dict[int, StepRef] = {}
     for child in sorted(root.iterdir()):
         step = parse_step_dir(child.name) if child.is_dir() else None
-        if step is None or not (child / ADAPTER_CONFIG_NAME).exists():
+        if step is None:
             continue
-        weights = find_adapter_weights(child) or child / "adapter_model.safetensors"
+        weights = find_adapter_weights(child)
+        if not (child / ADAPTER_CONFIG_NAME).exists():
+            if weights is not None:  # an adapter without its config: broken, never skipped silently
+                raise AdapterConfigError(f"{child / ADAPTER_CONFIG_NAME}: missing next to {weights.name}; restore the "
+                                         "adapter_config.json that PEFT wrote (or move this folder out of the run)")
+            continue
+        weights = weights or child / "adapter_model.safetensors"
         if step in refs:
             raise IncompatibleCheckpointsError(
                 f"{root}: step {step} appears twice ({refs[step].adapter_dir.name}, {child.name}); keep one folder per step"
