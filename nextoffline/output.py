@@ -49,7 +49,7 @@ def source_record(trajectory: Trajectory) -> dict[str, Any]:
                 "step": ref.step,
                 "weights": str(ref.weights_file),
                 "weights_sha256": _sha256(ref.weights_file),
-                "config_sha256": _sha256(ref.adapter_dir / ADAPTER_CONFIG_NAME),
+                "config_sha256": _sha256(ref.adapter_dir / ADAPTER_CONFIG_NAME) if (ref.adapter_dir / ADAPTER_CONFIG_NAME).is_file() else None,
             }
             for ref in trajectory.steps
         ],
@@ -143,11 +143,12 @@ def save_extrapolation(
     scores: Mapping[int, Mapping[str, Any]] | None = None,
     keep: list[int] | None = None,
     extra_dirs: Mapping[str, Path] | None = None,
+    labels: list[str] | None = None,
 ) -> tuple[Path, ResumeInfo | None]:
     """Write the extrapolation atomically under ``out_dir``.
 
     One kept candidate: ``out_dir`` is the adapter folder. Several: one subfolder each
-    (named by :func:`candidate_label`). ``resumable`` adds ``out_dir/resume/`` in the source
+    (named by ``labels``, default :func:`candidate_label`). ``resumable`` adds ``out_dir/resume/`` in the source
     trainer's layout, built from the single kept candidate.
     """
     keep = list(range(len(extrapolation.candidates))) if keep is None else keep
@@ -159,7 +160,7 @@ def save_extrapolation(
     with AtomicOutputDir(out_dir, overwrite=overwrite, required_bytes=_required_bytes(trajectory, len(keep), resumable)) as tmp:
         for index in keep:
             candidate = extrapolation.candidates[index]
-            folder = tmp if len(keep) == 1 else tmp / candidate_label(candidate)
+            folder = tmp if len(keep) == 1 else tmp / (labels[index] if labels else candidate_label(candidate))
             manifest = build_manifest(version=__version__, command=command, source=source, extrapolation=extrapolation_record(extrapolation),
                                       candidate=records[index], candidates=all_records)
             write_adapter_folder(folder, trajectory, extrapolation, candidate, manifest)

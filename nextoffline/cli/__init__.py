@@ -6,6 +6,7 @@ import click
 
 from nextoffline import __version__
 from nextoffline.cli.commands import backtest_cmd, demo_cmd, extrapolate_cmd, inspect_cmd, push_cmd
+from nextoffline.cli.report_cmd import report_cmd
 
 __all__ = ["main"]
 
@@ -21,3 +22,4 @@ main.add_command(backtest_cmd)
 main.add_command(extrapolate_cmd)
 main.add_command(push_cmd)
 main.add_command(demo_cmd)
+main.add_command(report_cmd)

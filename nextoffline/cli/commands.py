@@ -93,6 +93,9 @@ def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_
     from nextoffline.sweep import EvalSpec, run_extrapolate
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
+    if (keep_all or eval_lower_is_better) and not eval_cmd:
+        raise UsageError(f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "
+                         "without it every candidate of a sweep is written")
     if resumable and rank_policy == "grow":
         raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
     if method != "auto":

@@ -52,7 +52,7 @@ def render_extrapolation(summary: dict[str, Any]) -> str:
     lines = [f"method: {summary['method']}" + (f"  ({summary['note']})" if summary["note"] else "")]
     for c in summary["candidates"]:
         score = f"  score {c['score']:g}" if "score" in c else ""
-        mark = "written" if c["written"] else "not kept"
+        mark = "selected" if c.get("selected") else ("written" if c["written"] else "not kept")
         lines.append(f"  step {c['step']:g} (coef {c['coef']:g}): update {c['relative_update']:.3g} of |dW_last|, "
                      f"{_pct(c['kept_energy']).strip()} of it kept at rank r{score}  [{mark}]")
     lines.append(f"wrote {summary['out']}")

@@ -1,0 +1,51 @@
+"""``nextoffline report``: plots and a Markdown summary of a trajectory (optional extra ``report``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nextoffline.cli.options import Common, common_options, compute_options, source_options
+
+__all__ = ["report_cmd"]
+
+
+@click.command("report")
+@source_options
+@compute_options
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created atomically).")
+@click.option("--extrapolation", "extrapolation_dir", default=None, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="An earlier `extrapolate` --out folder: show its candidates and scores.")
+@click.option("--methods", default=",".join(("linear", "power", "poly", "gp", "next")), show_default=True,
+              help="Predictors drawn on the coefficient plots (comma list, NAME@W sets a window).")
+@click.option("--backtest-methods", default=None, help="Predictors backtested (default: every auto candidate).")
+@click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out by the backtest.")
+@click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
+@click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
+@click.option("--modules", "module_pattern", default=None, help="Regex selecting the modules to plot (default: spread over the model).")
+@click.option("--max-modules", default=9, show_default=True, type=click.IntRange(1, 36), help="Most modules on the coefficient plot.")
+@click.option("--to-step", "end_step", type=float, default=None, help="Draw the predictions up to this step (default: 2 horizons ahead).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@common_options
+def report_cmd(source, adapters, format_name, token, device, chunk_mb, out_dir, extrapolation_dir, methods, backtest_methods, holdout, horizon,
+               next_epochs, module_pattern, max_modules, end_step, overwrite, common: Common) -> None:
+    """Write PNG plots and report.md: rank-1 energy, per-module coefficient fits, backtest errors, candidate scores."""
+    from nextoffline.cli.commands import _load, _settings
+    from nextoffline.io.writer import check_output_location
+    from nextoffline.report import compute_report, require_matplotlib, write_report
+
+    require_matplotlib()  # fail before any work
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    backtest_list = [m.strip() for m in backtest_methods.split(",") if m.strip()] if backtest_methods else None
+    trajectory = _load(source, adapters, format_name, token, common)
+    sources = (trajectory.source, *(r.checkpoint_dir for r in trajectory.steps))
+    check_output_location(out_dir, sources=sources, overwrite=overwrite)
+    settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
+    data = compute_report(trajectory, settings, methods=method_list, backtest_methods=backtest_list, holdout=holdout,
+                          module_pattern=module_pattern, max_modules=max_modules, end_step=end_step, extrapolation_dir=extrapolation_dir)
+    files = write_report(out_dir, data, overwrite=overwrite, sources=sources)
+    click.echo(f"wrote {files['markdown']}")
+    for key, path in files.items():
+        if key not in ("markdown",):
+            click.echo(f"  {path.name}")
