@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
-from nextoffline.loader import DEFAULT_CHUNK_BYTES, open_readers, plan_chunks, read_chunk
+from nextoffline.loader import DEFAULT_CHUNK_BYTES, iter_chunks, open_readers, plan_chunks
 from nextoffline.ops.chunk import FactorChunk
 from nextoffline.ops.decompose import frobenius_sq, top_triplet
 from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
@@ -72,10 +72,11 @@ def _progress(items: Sequence[Any], desc: str, settings: RunSettings) -> Any:
 
 def _chunks(trajectory: Trajectory, settings: RunSettings, desc: str):
     """Yield every chunk of the trajectory over all its steps (one read of the files)."""
-    plans = plan_chunks(trajectory, budget_bytes=settings.chunk_bytes)
-    with open_readers(trajectory) as readers:
-        for plan in _progress(plans, desc, settings):
-            yield plan, read_chunk(plan, trajectory, readers, settings.device)
+    total = len(plan_chunks(trajectory, budget_bytes=settings.chunk_bytes))
+    with tqdm(total=total, desc=desc, unit="group", disable=not settings.progress, leave=False) as bar:
+        for plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes):
+            yield plan, chunk
+            bar.update(1)
 
 
 # ---------------------------------------------------------------------------------------- inspect
@@ -302,11 +303,15 @@ def extrapolate(
             return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
         method = best
         note = f"auto selected {best} (backtest error {error:.3f} vs 1.0 for stopping)"
-    predictors, failures = _fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
-    if method in failures:
-        raise NotEnoughCheckpointsError(failures[method])
-    predictor = predictors[method]
-    candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings)
+    predictor = make_predictor(method, horizon=horizon, options=settings.next_options)
+    if predictor.fits_per_chunk:
+        candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings, observe=True)
+    else:
+        predictors, failures = _fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
+        if method in failures:
+            raise NotEnoughCheckpointsError(failures[method])
+        predictor = predictors[method]
+        candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings)
     return Extrapolation(method, predictor.settings(), horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
 
 
@@ -317,23 +322,32 @@ def _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings
     return Extrapolation("none", {"predictor": "none"}, horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
 
 
-def _latest_tensors(trajectory: Trajectory) -> dict[str, torch.Tensor]:
+def _latest_tensors(trajectory: Trajectory, *, passthrough_only: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of the latest checkpoint (only those that are not LoRA factors with ``passthrough_only``)."""
     with open_readers(trajectory) as readers:
         latest = readers[-1]
-        tensors = {key: latest.get(key).clone() for key in latest.keys()}
+        keys = trajectory.passthrough_keys if passthrough_only else latest.keys()
+        tensors = {key: latest.get(key).clone() for key in keys}
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise NumericalError(f"{latest.path}: tensor {key} holds NaN or Inf; use an earlier checkpoint or drop this step")
     return tensors
 
 
-def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: list[tuple[float, float]], rank_policy: str, settings: RunSettings) -> list[Candidate]:
-    """Pass 2: predict, re-factor and cast every module for every target."""
-    latest = _latest_tensors(trajectory)
+def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: list[tuple[float, float]], rank_policy: str,
+                      settings: RunSettings, *, observe: bool = False) -> list[Candidate]:
+    """Pass 2: predict, re-factor and cast every module for every target.
+
+    With ``observe`` (predictors that fit each chunk on its own) this is the only pass: each
+    chunk is observed, then predicted while its factors and Gram matrices are still at hand.
+    """
+    latest = _latest_tensors(trajectory, passthrough_only=True)  # the factors are all re-written below
     outputs = [dict(latest) for _ in targets]
     stats = [{"kept": [], "weights": [], "update": 0.0, "base": 0.0, "resets": 0} for _ in targets]
     refactor = refactor_keep_rank if rank_policy == "keep" else refactor_grow_rank
     for plan, chunk in _chunks(trajectory, settings, "extrapolate"):
+        if observe:
+            predictor.observe(chunk)
         b_last, a_last = chunk.b[-1], chunk.a[-1]
         base_sq = frobenius_sq(*chunk.update(chunk.num_steps - 1)).cpu()
         for (step, _coef), out, stat in zip(targets, outputs, stats):
@@ -341,7 +355,7 @@ def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: lis
             result = refactor(b_last, a_last, chunk.scaling, update)
             _store(plan.modules, result.b, result.a, out, trajectory)
             stat["kept"].append(result.kept_energy.cpu())
-            stat["weights"].append(frobenius_sq(update.left, update.right).cpu())
+            stat["weights"].append(update.frobenius_sq().cpu())
             stat["update"] += float(stat["weights"][-1].sum())
             stat["base"] += float(base_sq.sum())
             stat["resets"] += int(result.gauge_reset.sum())

@@ -207,3 +207,28 @@ def test_bad_sources_give_one_line_errors(tmp_path: Path, case: str, prepare, ne
     assert result.exit_code == 1, result.output
     assert result.output.count("\n") == 1 and result.output.startswith("error: ") and needle in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method,passes", [("linear", 1), ("power@3", 1), ("next", 2)])
+def test_per_chunk_predictors_read_the_trajectory_once(linear_run: Path, monkeypatch: pytest.MonkeyPatch, method: str, passes: int) -> None:
+    """Trajectory predictors observe and predict each chunk in one pass; NExt needs a fit in between."""
+    import nextoffline.pipeline as pipeline
+    from nextoffline.trajectory import load_trajectory
+
+    calls = []
+    original, original_fit = pipeline._chunks, pipeline._fit_predictors
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_chunks", counting)
+    trajectory = load_trajectory(linear_run)
+    settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, next_options={"epochs": 2})
+    single = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0])
+    assert len(calls) == passes
+    if method == "linear":  # same answer as observing every chunk first (Grams recomputed), then predicting
+        predictors, _failures = original_fit(trajectory, ["linear"], settings, list(range(len(trajectory.steps))), single.horizon)
+        two_pass = pipeline._build_candidates(trajectory, predictors["linear"], [(single.candidates[0].target_step, 1.0)], "keep", settings)
+        for key, value in single.candidates[0].tensors.items():
+            assert torch.allclose(value, two_pass[0].tensors[key], rtol=1e-4, atol=1e-7), key

@@ -44,7 +44,8 @@ class FactorChunk:
 
     def select_steps(self, index: list[int]) -> "FactorChunk":
         """The same modules at a subset of steps (a prefix for backtests, a window for fits)."""
-        return FactorChunk(self.names, self.steps[index], self.b[index], self.a[index], self.scaling)
+        at = _steps_index(list(index))  # a view (no copy) for a contiguous run of steps
+        return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling)
 
 
 @dataclass

@@ -31,6 +31,9 @@ __all__ = [
     "gram_right",
     "top_triplet",
     "top_eigvec",
+    "top_eigvecs",
+    "stacked_gram",
+    "balance_grams",
     "difference_factors",
     "frobenius_sq",
     "inner_product",
@@ -95,7 +98,8 @@ def _balancing_scale(gram_l: torch.Tensor, gram_r: torch.Tensor) -> torch.Tensor
     return torch.where(live, (row / col.clamp_min(1e-300)).sqrt(), torch.ones_like(col))
 
 
-def _balanced(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def balance_grams(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 Grams of ``(L d, d^-1 R)`` and the scale ``d`` (see :func:`_balancing_scale`)."""
     gram_l, gram_r = gram_l.to(_SMALL), gram_r.to(_SMALL)
     scale = _balancing_scale(gram_l, gram_r)
     outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)
@@ -124,11 +128,19 @@ def _single_thread(device: torch.device) -> Iterator[None]:
 
 
 def _eigh_top(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct path: top eigenpair of ``Gl Gr`` from one symmetric eigen-decomposition.
+    """Direct path for the top eigenpair (see :func:`_eigh_topk`)."""
+    y, lam = _eigh_topk(gram_l, gram_r, 1)
+    return y.squeeze(-1), lam.squeeze(-1)
+
+
+def _eigh_topk(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direct path: top ``count`` eigenpairs of ``Gl Gr`` from one symmetric eigen-decomposition.
 
     With ``Gl + tau I = C C^T`` (Cholesky, ``tau = 1e-10 max diag``) and ``S = C^T Gr C``,
     ``S z = lambda z`` gives ``Gl Gr (C z) ~= lambda (C z)`` and ``(C z)^T Gr (C z) = lambda``.
     Where Cholesky fails (rounding made a Gram slightly indefinite) ``Gl`` is split by eigh.
+    Returns ``y`` ``(..., k, count)`` (``y^T Gr y = I`` on the non-zero pairs) and ``lambda``
+    ``(..., count)``, descending.
     """
     k = gram_l.shape[-1]
     tau = 1e-10 * torch.diagonal(gram_l, dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
@@ -141,16 +153,17 @@ def _eigh_top(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor,
         chol[bad] = w_l * root_l.unsqueeze(-2)  # Gl = (W root)(W root)^T
     core = chol.mT @ gram_r @ chol
     evals, evecs = torch.linalg.eigh(0.5 * (core + core.mT))
-    lam = evals[..., -1].clamp_min(0)
-    y = (chol @ evecs[..., -1:]).squeeze(-1)
-    y = torch.where(lam.unsqueeze(-1) > 0, y / lam.clamp_min(1e-300).sqrt().unsqueeze(-1), torch.zeros_like(y))
-    return y, lam
+    lam = evals[..., -count:].flip(-1).clamp_min(0)
+    y = chol @ evecs[..., -count:].flip(-1)
+    scale = torch.where(lam > 0, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    return y * scale.unsqueeze(-2), lam
 
 
-def _rayleigh_ritz(basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top Ritz pair of ``M = Gl Gr`` on ``span(basis)`` in the ``Gr`` inner product.
+def _rayleigh_ritz(basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tensor, count: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``count`` Ritz pairs of ``M = Gl Gr`` on ``span(basis)`` in the ``Gr`` inner product.
 
-    Returns ``(y, lambda, M y, M basis)`` with ``y^T Gr y = 1``.
+    Returns ``(y, lambda, M y, M basis)`` with ``y^T Gr y = I``, ``y`` ``(P, k, count)``,
+    ``lambda`` ``(P, count)`` descending.
     """
     z = gram_r @ basis  # (P, k, b)
     mb = gram_l @ z  # M basis
@@ -162,8 +175,8 @@ def _rayleigh_ritz(basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tens
     t = w * inv.unsqueeze(-2)  # S-whitening, null directions dropped
     core = t.mT @ h @ t
     ev, ec = torch.linalg.eigh(0.5 * (core + core.mT))
-    c = t @ ec[..., -1:]
-    return (basis @ c).squeeze(-1), ev[..., -1].clamp_min(0), (mb @ c).squeeze(-1), mb
+    c = t @ ec[..., -count:].flip(-1)
+    return basis @ c, ev[..., -count:].flip(-1).clamp_min(0), mb @ c, mb
 
 
 def top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, *, tol: float = RESIDUAL_TOL,
@@ -197,6 +210,7 @@ def _top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, tol: float, max_roun
         basis = gl @ (gr @ basis)  # one extra power step per Rayleigh-Ritz
         basis = torch.linalg.qr(basis / basis.norm(dim=-2, keepdim=True).clamp_min(1e-300)).Q
         y, lam, my, basis = _rayleigh_ritz(basis, gl, gr)  # M basis is the next power step
+        y, lam, my = y.squeeze(-1), lam.squeeze(-1), my.squeeze(-1)
         resid = my - lam.unsqueeze(-1) * y
         rho = (resid.unsqueeze(-2) @ (gr @ resid.unsqueeze(-1))).reshape(-1).clamp_min(0).sqrt()
         ref = total[live]
@@ -213,12 +227,57 @@ def _top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, tol: float, max_roun
     return y_out, lam_out
 
 
+def top_eigvecs(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int, *, start: torch.Tensor | None = None,
+                tol: float = 1e-12, max_rounds: int = 12, oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``count`` eigenpairs ``(Y, lambda)`` of ``Gl @ Gr`` for a batch of PSD ``k x k`` pairs (float64).
+
+    ``Y`` ``(N, k, count)`` satisfies ``Y^T Gr Y = I`` (zero columns where ``lambda == 0``);
+    ``lambda`` ``(N, count)`` are the ``sigma^2`` of the factored matrix, descending. Small
+    problems use one eigen-decomposition; large ones block subspace iteration from ``start``
+    (``(N, k, c)``, a guess of the top subspace, plus random columns), stopped when the energy
+    ``sum(lambda)`` moves by less than ``tol`` times the total ``trace(Gl Gr)`` between rounds
+    (the re-factoring needs the best rank-``count`` energy, not each vector to full accuracy);
+    members still moving after ``max_rounds`` fall back to the eigen-decomposition.
+    """
+    gl, gr = gram_l.to(_SMALL), gram_r.to(_SMALL)
+    count_all, k = gl.shape[0], gl.shape[-1]
+    width = min(k, count + oversample)
+    if 2 * width >= k or count_all == 0:
+        return _eigh_topk(gl, gr, count)
+    guess = torch.zeros(count_all, k, 0, dtype=_SMALL, device=gl.device) if start is None else start.to(_SMALL)
+    extra = _omega(k, width - guess.shape[-1], gl.device).expand(count_all, -1, -1)
+    basis = torch.cat([guess, extra], dim=-1)
+    total = (gl * gr).sum((-2, -1)).clamp_min(0)
+    y_out = torch.zeros(count_all, k, count, dtype=_SMALL, device=gl.device)
+    lam_out = torch.zeros(count_all, count, dtype=_SMALL, device=gl.device)
+    live = torch.arange(count_all, device=gl.device)
+    previous = torch.full((count_all,), float("nan"), dtype=_SMALL, device=gl.device)
+    for _round in range(max_rounds):
+        basis = torch.linalg.qr(basis / basis.norm(dim=-2, keepdim=True).clamp_min(1e-300)).Q
+        y, lam, _my, basis = _rayleigh_ritz(basis, gl, gr, width)  # M basis is the next power step
+        energy = lam[:, :count].sum(-1)
+        ref = total[live]
+        done = ((energy - previous).abs() <= tol * ref) | (ref == 0)
+        previous = energy
+        if bool(done.any()):
+            idx = live[done]
+            y_out[idx], lam_out[idx] = y[done][..., :count], lam[done][:, :count]
+            keep = ~done
+            live, gl, gr, basis, previous = live[keep], gl[keep], gr[keep], basis[keep], previous[keep]
+            if live.numel() == 0:
+                break
+    if live.numel():
+        y_out[live], lam_out[live] = _eigh_topk(gl, gr, count)
+    y_out = torch.where(lam_out.unsqueeze(-2) > 0, y_out, torch.zeros_like(y_out))
+    return y_out, lam_out
+
+
 def solve_balanced(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients ``(c, w)`` with ``v ~ R^T c`` and ``u ~ L w = X R^T c`` from unbalanced Grams.
 
     Both are float64 ``(..., k)``; they are zero where the product is zero.
     """
-    gl, gr, scale = _balanced(gram_l, gram_r)
+    gl, gr, scale = balance_grams(gram_l, gram_r)
     y, _lam = top_eigvec(gl, gr)
     w = scale * (gr @ y.unsqueeze(-1)).squeeze(-1)
     return y / scale, w
@@ -263,6 +322,23 @@ def normalised(u: torch.Tensor, v: torch.Tensor) -> Triplets:
     v = torch.where(live.unsqueeze(-1), v / v_norm.clamp_min(tiny).unsqueeze(-1), torch.zeros_like(v))
     u = torch.where(live.unsqueeze(-1), u / u_norm.clamp_min(tiny).unsqueeze(-1), torch.zeros_like(u))
     return Triplets(sigma=sigma, u=u, v=v)
+
+
+def stacked_gram(stacked: torch.Tensor, *, block: int = 256) -> torch.Tensor:
+    """``X X^T`` of a batch of wide matrices ``X`` ``(N, p, n)``, computing only its upper half.
+
+    Rows are taken ``block`` at a time against the rows from there on, and the lower half is
+    mirrored (about 1.5x faster than one full GEMM for ``p = 1024`` on CPU; exactly symmetric).
+    For ``X^T X`` of a tall ``Y`` pass ``Y.mT`` (a view).
+    """
+    p = stacked.shape[-2]
+    out = torch.empty(*stacked.shape[:-2], p, p, dtype=stacked.dtype, device=stacked.device)
+    for start in range(0, p, block):
+        stop = min(start + block, p)
+        piece = stacked[..., start:stop, :] @ stacked[..., start:, :].mT
+        out[..., start:stop, start:] = piece
+        out[..., stop:, start:stop] = piece[..., :, stop - start:].mT
+    return out
 
 
 def top_triplet(

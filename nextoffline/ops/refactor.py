@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nextoffline.ops.decompose import balance_grams, top_eigvecs
 from nextoffline.ops.predictors.base import FactoredUpdate
 
 __all__ = ["RefactorResult", "refactor_keep_rank", "refactor_grow_rank"]
@@ -54,39 +55,60 @@ def _low_rank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor
 def refactor_keep_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate) -> RefactorResult:
     """Best rank-``r`` factors of ``s B A + D`` in the gauge closest to ``A``.
 
+    ``M = L R`` with ``L = [s B, D_l]`` and ``R = [A; D_r]`` (width ``p' = r + p``). Its Gram
+    matrices are assembled from blocks (``D``'s own Grams and cross terms come from the update,
+    which reuses what its predictor already computed), the top ``r`` eigenpairs of ``Gl Gr`` give ``V_r = R^T Y`` and ``U_r S_r = L Gr Y``
+    (:func:`~nextoffline.ops.decompose.top_eigvecs`, started from the latest ``A``), and the
+    new factors are formed straight from ``L`` and ``R``: nothing of size ``m x n`` or
+    ``m x p'`` is materialised.
+
     Args:
         b: ``(N, m, r)`` latest B factors (compute dtype).
         a: ``(N, r, n)`` latest A factors.
         scaling: ``(N,)`` LoRA scalings.
         update: the predicted update ``D``.
     """
-    n_mod, _, r = b.shape
-    s = scaling.to(_F64).reshape(-1, 1, 1)
-    left = torch.cat([s * b.to(_F64), update.left.to(_F64)], dim=-1)
-    right = torch.cat([a.to(_F64), update.right.to(_F64)], dim=-2)
-    u, sv, v = _low_rank_svd(left, right)
-    u_r, s_r, v_r = u[..., :r], sv[..., :r], v[..., :r]
-    update_sq = _frobenius_sq(update.left.to(_F64), update.right.to(_F64))
-    tail_sq = sv[..., r:].square().sum(-1)
+    r = b.shape[-1]
+    s = scaling.to(b).reshape(-1, 1, 1)
+    sb = s * b
+    gram_dl, gram_dr = update.grams()
+    cross_l, cross_r = update.cross(sb, a)
+    gram_l = _blocks(sb.mT @ sb, cross_l, gram_dl)
+    gram_r = _blocks(a @ a.mT, cross_r, gram_dr)
+    gl, gr, scale = balance_grams(gram_l, gram_r)
+    start = torch.eye(gl.shape[-1], r, dtype=_F64, device=gl.device).expand(gl.shape[0], -1, -1)  # the latest A
+    y, lam = top_eigvecs(gl, gr, r, start=start)
+    coef_v = y / scale.unsqueeze(-1)  # V_r = R^T coef_v
+    coef_us = scale.unsqueeze(-1) * (gr @ y)  # U_r S_r = L coef_us
+    update_sq = (gram_dl.to(_F64) * gram_dr.to(_F64)).sum((-2, -1)).clamp_min(0)
+    total_sq = (gram_l * gram_r).sum((-2, -1)).clamp_min(0)
+    tail_sq = (total_sq - lam.sum(-1)).clamp_min(0)
     kept = torch.where(update_sq > 0, 1 - tail_sq / update_sq.clamp_min(1e-300), torch.ones_like(update_sq)).clamp(0, 1)
-    gauge = a.to(_F64) @ v_r  # G minimising |G V_r^T - A|
-    new_a, new_b, reset = _anchor_gauge(gauge, u_r, s_r, v_r, s)
+    gauge = gram_r[..., :r, :] @ coef_v  # A V_r: the G minimising |G V_r^T - A|
+    coef_a, coef_b, reset = _anchor_gauge(gauge, lam.clamp_min(0).sqrt(), coef_v, coef_us)
+    new_a = coef_a[..., :r, :].mT.to(a) @ a + update.times_right(coef_a[..., r:, :].mT).to(a)
+    new_b = (sb @ coef_b[..., :r, :].to(sb) + update.left_times(coef_b[..., r:, :]).to(sb)) / s
     zero = update_sq == 0
-    new_b = torch.where(zero.reshape(-1, 1, 1), b.to(_F64), new_b)
-    new_a = torch.where(zero.reshape(-1, 1, 1), a.to(_F64), new_a)
+    new_b = torch.where(zero.reshape(-1, 1, 1), b, new_b)
+    new_a = torch.where(zero.reshape(-1, 1, 1), a, new_a)
     return RefactorResult(b=new_b.to(b.dtype), a=new_a.to(a.dtype), kept_energy=kept, gauge_reset=reset & ~zero)
 
 
-def _anchor_gauge(gauge: torch.Tensor, u_r: torch.Tensor, s_r: torch.Tensor, v_r: torch.Tensor, s: torch.Tensor):
-    """``A' = G V_r^T``, ``B' = U_r S_r G^-1 / s``; balanced SVD factors where ``G`` is ill-conditioned."""
+def _blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
+    """The symmetric float64 matrix ``[[TL, TR], [TR^T, BR]]``."""
+    top_left, top_right, bottom_right = top_left.to(_F64), top_right.to(_F64), bottom_right.to(_F64)
+    return torch.cat([torch.cat([top_left, top_right], -1), torch.cat([top_right.mT, bottom_right], -1)], -2)
+
+
+def _anchor_gauge(gauge: torch.Tensor, sigma: torch.Tensor, coef_v: torch.Tensor, coef_us: torch.Tensor):
+    """Coefficients of ``A' = G V_r^T`` and ``s B' = U_r S_r G^-1`` (balanced SVD factors
+    ``sqrt(S_r)`` where ``G`` is ill-conditioned): ``A' = coef_a^T R``, ``s B' = L coef_b``."""
     cond = torch.linalg.cond(gauge)
     reset = ~torch.isfinite(cond) | (cond > _MAX_GAUGE_CONDITION)
     eye = torch.eye(gauge.shape[-1], dtype=_F64, device=gauge.device).expand_as(gauge)
-    safe_gauge = torch.where(reset.reshape(-1, 1, 1), torch.diag_embed(s_r.clamp_min(0).sqrt() + (s_r <= 0)), gauge)
+    safe_gauge = torch.where(reset.reshape(-1, 1, 1), torch.diag_embed(sigma.sqrt() + (sigma <= 0)), gauge)
     inv = torch.linalg.solve(safe_gauge, eye)
-    new_a = safe_gauge @ v_r.mT
-    new_b = (u_r * s_r.unsqueeze(-2)) @ inv / s
-    return new_a, new_b, reset
+    return coef_v @ safe_gauge.mT, coef_us @ inv, reset
 
 
 def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate, *, rel_tol: float = 1e-7) -> RefactorResult:
@@ -105,7 +127,3 @@ def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, 
     new_a = torch.cat([a, d_right.to(a.dtype)], dim=-2)
     ones = torch.ones(b.shape[0], dtype=_F64, device=b.device)
     return RefactorResult(b=new_b, a=new_a, kept_energy=ones, gauge_reset=torch.zeros_like(ones, dtype=torch.bool))
-
-
-def _frobenius_sq(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    return ((left.mT @ left) * (right @ right.mT)).sum(dim=(-2, -1))

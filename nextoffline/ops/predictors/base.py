@@ -8,7 +8,6 @@ the fit needs), then, after :meth:`Predictor.fit`, to :meth:`Predictor.predict_u
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,16 +17,49 @@ from nextoffline.ops.chunk import FactorChunk
 __all__ = ["FactoredUpdate", "Predictor", "chunk_key"]
 
 
-@dataclass
 class FactoredUpdate:
-    """A predicted update ``D = left @ right`` per module (``left`` ``(N, m, p)``, ``right`` ``(N, p, n)``)."""
+    """A predicted update ``D = left @ right`` per module (``left`` ``(N, m, p)``, ``right`` ``(N, p, n)``).
 
-    left: torch.Tensor
-    right: torch.Tensor
+    Re-factoring uses ``D`` only through :meth:`grams`, :meth:`cross`, :meth:`left_times` and
+    :meth:`times_right`; predictors whose update has structure (a weighted sum of the window's
+    factors, whose Grams they already hold) subclass it so that no stacked factor is formed.
+    """
 
-    def scaled(self, coef: torch.Tensor | float) -> "FactoredUpdate":
-        coef = torch.as_tensor(coef, dtype=self.left.dtype, device=self.left.device)
-        return FactoredUpdate(self.left * coef.reshape(-1, 1, 1) if coef.ndim else self.left * coef, self.right)
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, gram_left: torch.Tensor | None = None,
+                 gram_right: torch.Tensor | None = None) -> None:
+        self._left, self._right = left, right
+        self._gram_left, self._gram_right = gram_left, gram_right
+
+    @property
+    def left(self) -> torch.Tensor:
+        return self._left
+
+    @property
+    def right(self) -> torch.Tensor:
+        return self._right
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left^T left, right right^T)``, each ``(N, p, p)``."""
+        gram_left = self._gram_left if self._gram_left is not None else self.left.mT @ self.left
+        gram_right = self._gram_right if self._gram_right is not None else self.right @ self.right.mT
+        return gram_left, gram_right
+
+    def cross(self, scaled_b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((s B)^T left, A right^T)`` for the latest factors ``s B`` ``(N, m, r)`` and ``A`` ``(N, r, n)``."""
+        return scaled_b.mT @ self.left.to(scaled_b), a @ self.right.to(a).mT
+
+    def left_times(self, coef: torch.Tensor) -> torch.Tensor:
+        """``left @ coef`` for ``coef`` ``(N, p, q)``."""
+        return self.left @ coef.to(self.left)
+
+    def times_right(self, coef: torch.Tensor) -> torch.Tensor:
+        """``coef @ right`` for ``coef`` ``(N, q, p)``."""
+        return coef.to(self.right) @ self.right
+
+    def frobenius_sq(self) -> torch.Tensor:
+        """``|D|_F^2`` per module (float64)."""
+        gram_left, gram_right = self.grams()
+        return (gram_left.to(torch.float64) * gram_right.to(torch.float64)).sum((-2, -1))
 
 
 def chunk_key(chunk: FactorChunk) -> tuple[str, ...]:
@@ -39,6 +71,8 @@ class Predictor(ABC):
     """Predicts ``dW(step) - dW(last observed step)`` for every module."""
 
     name: ClassVar[str]
+    #: True when :meth:`fit` does nothing and each chunk's prediction depends on that chunk only.
+    fits_per_chunk: ClassVar[bool] = False
 
     @abstractmethod
     def observe(self, chunk: FactorChunk) -> None:

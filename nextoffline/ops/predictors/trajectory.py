@@ -16,23 +16,46 @@ from typing import Any
 import torch
 
 from nextoffline.ops.chunk import FactorChunk
+from nextoffline.ops.decompose import stacked_gram
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 from nextoffline.ops.regressors import Regressor, make_regressor
 
-__all__ = ["TrajectoryRank1Predictor", "trajectory_gram", "trajectory_rank1"]
+__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "trajectory_gram", "trajectory_rank1"]
 
 _F64 = torch.float64
 
 
-def trajectory_gram(chunk: FactorChunk) -> torch.Tensor:
-    """``(N, K, K)`` Frobenius Gram of the updates ``dW_t`` of each module (float64)."""
+@dataclass
+class WindowGrams:
+    """Gram matrices of the stacked factors of a window (compute dtype, scaling not applied).
+
+    ``b = B_cat^T B_cat`` and ``a = A_cat A_cat^T``, both ``(N, K r, K r)``, with
+    ``B_cat = [B_1, ..., B_K]`` and ``A_cat = [A_1; ...; A_K]``.
+    """
+
+    b: torch.Tensor
+    a: torch.Tensor
+
+    def trajectory(self, scaling: torch.Tensor, rank: int) -> torch.Tensor:
+        """``(N, K, K)`` Frobenius Gram ``<dW_i, dW_j>`` (float64)."""
+        n_mod, kr = self.b.shape[0], self.b.shape[-1]
+        k = kr // rank
+        gb = self.b.to(_F64).reshape(n_mod, k, rank, k, rank)
+        ga = self.a.to(_F64).reshape(n_mod, k, rank, k, rank)
+        return scaling.to(_F64).reshape(-1, 1, 1) ** 2 * torch.einsum("niajb,niajb->nij", gb, ga)
+
+
+def window_grams(chunk: FactorChunk) -> WindowGrams:
+    """Gram matrices of the stacked factors of every module of ``chunk`` (all its steps)."""
     k, n_mod, m, r = chunk.b.shape
     b_cat = chunk.b.permute(1, 2, 0, 3).reshape(n_mod, m, k * r)
     a_cat = chunk.a.permute(1, 0, 2, 3).reshape(n_mod, k * r, -1)
-    gb = (b_cat.mT @ b_cat).to(_F64).reshape(n_mod, k, r, k, r)
-    ga = (a_cat @ a_cat.mT).to(_F64).reshape(n_mod, k, r, k, r)
-    scale = chunk.scaling.to(_F64).reshape(-1, 1, 1) ** 2
-    return scale * torch.einsum("niajb,niajb->nij", gb, ga)
+    return WindowGrams(b=stacked_gram(b_cat.mT), a=stacked_gram(a_cat))
+
+
+def trajectory_gram(chunk: FactorChunk) -> torch.Tensor:
+    """``(N, K, K)`` Frobenius Gram of the updates ``dW_t`` of each module (float64)."""
+    return window_grams(chunk).trajectory(chunk.scaling, chunk.b.shape[-1])
 
 
 @dataclass
@@ -44,9 +67,9 @@ class TrajectoryRank1:
     explained: torch.Tensor  # (N,): fraction of the window's energy along V
 
 
-def trajectory_rank1(chunk: FactorChunk) -> TrajectoryRank1:
+def trajectory_rank1(chunk: FactorChunk, grams: WindowGrams | None = None) -> TrajectoryRank1:
     """Top trajectory direction of every module of ``chunk`` over all its steps."""
-    gram = trajectory_gram(chunk)
+    gram = (grams or window_grams(chunk)).trajectory(chunk.scaling, chunk.b.shape[-1])
     evals, evecs = torch.linalg.eigh(gram)
     top, e = evals[:, -1].clamp_min(0), evecs[:, :, -1]
     e = e * torch.where(e.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(e)
@@ -58,6 +81,66 @@ def trajectory_rank1(chunk: FactorChunk) -> TrajectoryRank1:
     return TrajectoryRank1(weights=weights, coefficients=root.unsqueeze(-1) * e, explained=explained)
 
 
+class WindowUpdate(FactoredUpdate):
+    """``D = sum_i w_i s B_i A_i`` over a window whose last step is the latest checkpoint.
+
+    The stacked factors ``left = [w_1 s B_1, ..., w_W s B_W]`` and ``right = [A_1; ...; A_W]``
+    are only formed if :attr:`left` / :attr:`right` are read; re-factoring works block by block
+    and takes the Grams (and the cross terms with the latest factors, their last block rows)
+    from the :class:`WindowGrams` the predictor computed when it observed the window.
+    """
+
+    def __init__(self, window: FactorChunk, weights: torch.Tensor, grams: WindowGrams | None) -> None:
+        self.window = window
+        self.block_weights = weights * window.scaling.to(weights).unsqueeze(-1)  # (N, W): w_i s
+        self.window_grams = grams
+        self._gram_left = self._gram_right = None  # the stacked form's Grams, if ever needed
+
+    @property
+    def left(self) -> torch.Tensor:
+        b = self.window.b * self.block_weights.T.reshape(self.window.num_steps, -1, 1, 1)
+        return b.permute(1, 2, 0, 3).reshape(b.shape[1], b.shape[2], -1)
+
+    @property
+    def right(self) -> torch.Tensor:
+        a = self.window.a
+        return a.permute(1, 0, 2, 3).reshape(a.shape[1], -1, a.shape[-1])
+
+    def _columns(self) -> torch.Tensor:
+        return self.block_weights.repeat_interleave(self.window.b.shape[-1], dim=-1)  # (N, W r)
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.window_grams is None:
+            return super().grams()
+        col = self._columns().to(self.window_grams.b)
+        return col.unsqueeze(-1) * self.window_grams.b * col.unsqueeze(-2), self.window_grams.a
+
+    def cross(self, scaled_b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the last block rows of the window Grams (``scaled_b``, ``a`` must be the latest factors)."""
+        if self.window_grams is None:
+            return super().cross(scaled_b, a)
+        r = a.shape[-2]
+        scaling = self.window.scaling.to(self.window_grams.b).reshape(-1, 1, 1)
+        col = self._columns().to(self.window_grams.b).unsqueeze(-2)
+        return scaling * self.window_grams.b[..., -r:, :] * col, self.window_grams.a[..., -r:, :]
+
+    def left_times(self, coef: torch.Tensor) -> torch.Tensor:
+        r, b = self.window.b.shape[-1], self.window.b
+        coef = coef.to(b) * self._columns().to(b).unsqueeze(-1)
+        out = b[0] @ coef[..., :r, :]
+        for i in range(1, self.window.num_steps):
+            out.baddbmm_(b[i], coef[..., i * r:(i + 1) * r, :])
+        return out
+
+    def times_right(self, coef: torch.Tensor) -> torch.Tensor:
+        r, a = self.window.a.shape[-2], self.window.a
+        coef = coef.to(a)
+        out = coef[..., :r] @ a[0]
+        for i in range(1, self.window.num_steps):
+            out.baddbmm_(coef[..., i * r:(i + 1) * r], a[i])
+        return out
+
+
 class TrajectoryRank1Predictor(Predictor):
     """RELEX-style predictor; the trend model is any registered regressor.
 
@@ -66,11 +149,15 @@ class TrajectoryRank1Predictor(Predictor):
         window: number of most recent checkpoints used (``None`` = all).
     """
 
+    #: Each chunk is fitted on its own: the pipeline may predict right after observing it.
+    fits_per_chunk = True
+
     def __init__(self, regressor: str = "linear", window: int | None = None) -> None:
         self.regressor_name = regressor
         self.window = window
         self.name = regressor if window is None else f"{regressor}@{window}"
         self._fits: dict[tuple[str, ...], tuple[TrajectoryRank1, Regressor, float]] = {}
+        self._grams: tuple[tuple, WindowGrams] | None = None  # the last observed window only
 
     def window_steps(self, num_steps: int) -> list[int]:
         size = num_steps if self.window is None else min(self.window, num_steps)
@@ -78,22 +165,21 @@ class TrajectoryRank1Predictor(Predictor):
 
     def observe(self, chunk: FactorChunk) -> None:
         window = chunk.select_steps(self.window_steps(chunk.num_steps))
-        rank1 = trajectory_rank1(window)
+        grams = window_grams(window)
+        rank1 = trajectory_rank1(window, grams)
         steps = window.steps.to(_F64).unsqueeze(0).expand(len(chunk.names), -1)
         regressor = make_regressor(self.regressor_name).fit(steps, rank1.coefficients)
         last_step = float(window.steps[-1])
         self._fits[chunk_key(chunk)] = (rank1, regressor, last_step)
+        self._grams = (_window_key(window), grams)  # reused by predict_update on the same window
 
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
         rank1, regressor, last_step = self._fits[chunk_key(chunk)]
         window = chunk.select_steps(self.window_steps(chunk.num_steps))
         gain = regressor.predict(torch.tensor(target_step)) - regressor.predict(torch.tensor(last_step))
         alphas = (gain.unsqueeze(-1) * rank1.weights).to(window.b)  # (N, W)
-        scale = window.scaling.to(window.b).reshape(1, -1, 1, 1)
-        left = (alphas.T.reshape(window.num_steps, -1, 1, 1) * scale * window.b).permute(1, 2, 0, 3)
-        left = left.reshape(len(chunk.names), window.b.shape[2], -1)
-        right = window.a.permute(1, 0, 2, 3).reshape(len(chunk.names), -1, window.a.shape[-1])
-        return FactoredUpdate(left=left, right=right)
+        grams = self._grams[1] if self._grams is not None and self._grams[0] == _window_key(window) else None
+        return WindowUpdate(window, alphas, grams)
 
     def explained(self, chunk: FactorChunk) -> torch.Tensor:
         """Fraction of the window energy along the fitted direction, per module."""
@@ -101,3 +187,7 @@ class TrajectoryRank1Predictor(Predictor):
 
     def settings(self) -> dict[str, Any]:
         return {"predictor": "trajectory-rank1", "regressor": self.regressor_name, "window": self.window}
+
+
+def _window_key(window: FactorChunk) -> tuple:
+    return chunk_key(window), tuple(window.steps.tolist())
