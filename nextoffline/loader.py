@@ -51,7 +51,7 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

@@ -80,8 +80,10 @@ def refactor_keep_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, 
     y, lam = top_eigvecs(gl, gr, r, start=start)
     coef_v = y / scale.unsqueeze(-1)  # V_r = R^T coef_v
     coef_us = scale.unsqueeze(-1) * (gr @ y)  # U_r S_r = L coef_us
-    update_sq = (gram_dl.to(_F64) * gram_dr.to(_F64)).sum((-2, -1)).clamp_min(0)
-    total_sq = (gram_l * gram_r).sum((-2, -1)).clamp_min(0)
+    energy = gl * gr  # entrywise products of the Grams do not change under balancing
+    update_sq = energy[..., r:, r:].sum((-2, -1)).clamp_min(0)  # |D|^2
+    total_sq = energy.sum((-2, -1)).clamp_min(0)  # |M|^2
+    del energy, gram_l
     tail_sq = (total_sq - lam.sum(-1)).clamp_min(0)
     kept = torch.where(update_sq > 0, 1 - tail_sq / update_sq.clamp_min(1e-300), torch.ones_like(update_sq)).clamp(0, 1)
     gauge = gram_r[..., :r, :] @ coef_v  # A V_r: the G minimising |G V_r^T - A|
