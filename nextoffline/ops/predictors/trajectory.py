@@ -20,7 +20,7 @@ from nextoffline.ops.decompose import stacked_gram
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 from nextoffline.ops.regressors import Regressor, make_regressor
 
-__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "trajectory_gram", "trajectory_rank1"]
+__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "trajectory_rank1"]
 
 _F64 = torch.float64
 
@@ -51,11 +51,6 @@ def window_grams(chunk: FactorChunk) -> WindowGrams:
     b_cat = chunk.b.permute(1, 2, 0, 3).reshape(n_mod, m, k * r)
     a_cat = chunk.a.permute(1, 0, 2, 3).reshape(n_mod, k * r, -1)
     return WindowGrams(b=stacked_gram(b_cat.mT), a=stacked_gram(a_cat))
-
-
-def trajectory_gram(chunk: FactorChunk) -> torch.Tensor:
-    """``(N, K, K)`` Frobenius Gram of the updates ``dW_t`` of each module (float64)."""
-    return window_grams(chunk).trajectory(chunk.scaling, chunk.b.shape[-1])
 
 
 @dataclass
