@@ -89,9 +89,30 @@ def test_window_update_works_block_by_block_like_its_stacked_factors() -> None:
     coef = torch.randn(n_mod, k * r, 3, generator=gen, dtype=torch.float64)
     assert torch.allclose(structured.left_times(coef), stacked.left_times(coef))
     assert torch.allclose(structured.times_right(coef.mT), stacked.times_right(coef.mT))
+    assert torch.allclose(structured.frobenius_sq(), stacked.frobenius_sq())
     result = refactor_keep_rank(chunk.b[-1], chunk.a[-1], chunk.scaling, structured)
     expected = refactor_keep_rank(chunk.b[-1], chunk.a[-1], chunk.scaling, stacked)
     assert torch.allclose(result.b @ result.a, expected.b @ expected.a, atol=1e-9)
+    assert torch.allclose(result.kept_energy, expected.kept_energy, atol=1e-9)
+
+
+def test_window_update_folds_the_latest_factors_into_the_window() -> None:
+    """``s B A + D`` re-uses the window's blocks (width W r) when B, A are the window's last."""
+    gen = torch.Generator().manual_seed(6)
+    k, n_mod, m, n, r = 4, 2, 30, 20, 3
+    chunk = FactorChunk(["x", "y"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen, dtype=torch.float64),
+                        torch.randn(k, n_mod, r, n, generator=gen, dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64))
+    update = WindowUpdate(chunk, torch.randn(n_mod, k, generator=gen, dtype=torch.float64), window_grams(chunk))
+    total, latest = update.plus_latest(chunk.b[-1], chunk.a[-1], chunk.scaling)
+    assert isinstance(total, WindowUpdate) and latest == slice((k - 1) * r, k * r)
+    latest_dense = chunk.scaling[:, None, None] * chunk.b[-1] @ chunk.a[-1]
+    assert torch.allclose(total.left @ total.right, latest_dense + update.left @ update.right)
+    assert torch.allclose(total.right[:, latest], chunk.a[-1])
+    other_b = chunk.b[-1] + 1.0  # not the window's latest factors: the generic stacked form
+    total, latest = update.plus_latest(other_b, chunk.a[-1], chunk.scaling)
+    assert not isinstance(total, WindowUpdate) and latest == slice(0, r)
+    other_dense = chunk.scaling[:, None, None] * other_b @ chunk.a[-1]
+    assert torch.allclose(total.left @ total.right, other_dense + update.left @ update.right)
 
 
 def test_grow_rank_is_exact() -> None:

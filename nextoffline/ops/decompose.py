@@ -228,7 +228,8 @@ def _top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, tol: float, max_roun
 
 
 def top_eigvecs(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int, *, start: torch.Tensor | None = None,
-                tol: float = 1e-12, max_rounds: int = 12, oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                total: torch.Tensor | None = None, tol: float = 1e-12, max_rounds: int = 12,
+                oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``count`` eigenpairs ``(Y, lambda)`` of ``Gl @ Gr`` for a batch of PSD ``k x k`` pairs (float64).
 
     ``Y`` ``(N, k, count)`` satisfies ``Y^T Gr Y = I`` (zero columns where ``lambda == 0``);
@@ -237,7 +238,8 @@ def top_eigvecs(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int, *, start
     (``(N, k, c)``, a guess of the top subspace, plus random columns), stopped when the energy
     ``sum(lambda)`` moves by less than ``tol`` times the total ``trace(Gl Gr)`` between rounds
     (the re-factoring needs the best rank-``count`` energy, not each vector to full accuracy);
-    members still moving after ``max_rounds`` fall back to the eigen-decomposition.
+    members still moving after ``max_rounds`` fall back to the eigen-decomposition. ``total``
+    (``(N,)``), when the caller knows it, saves one pass over the Grams.
     """
     gl, gr = gram_l.to(_SMALL), gram_r.to(_SMALL)
     count_all, k = gl.shape[0], gl.shape[-1]
@@ -247,7 +249,7 @@ def top_eigvecs(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int, *, start
     guess = torch.zeros(count_all, k, 0, dtype=_SMALL, device=gl.device) if start is None else start.to(_SMALL)
     extra = _omega(k, width - guess.shape[-1], gl.device).expand(count_all, -1, -1)
     basis = torch.cat([guess, extra], dim=-1)
-    total = (gl * gr).sum((-2, -1)).clamp_min(0)
+    total = (gl * gr).sum((-2, -1)).clamp_min(0) if total is None else total.to(_SMALL)
     y_out = torch.zeros(count_all, k, count, dtype=_SMALL, device=gl.device)
     lam_out = torch.zeros(count_all, count, dtype=_SMALL, device=gl.device)
     live = torch.arange(count_all, device=gl.device)

@@ -55,9 +55,10 @@ def _low_rank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor
 def refactor_keep_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate) -> RefactorResult:
     """Best rank-``r`` factors of ``s B A + D`` in the gauge closest to ``A``.
 
-    ``M = L R`` with ``L = [s B, D_l]`` and ``R = [A; D_r]`` (width ``p' = r + p``). Its Gram
-    matrices are assembled from blocks (``D``'s own Grams and cross terms come from the update,
-    which reuses what its predictor already computed), the top ``r`` eigenpairs of ``Gl Gr`` give ``V_r = R^T Y`` and ``U_r S_r = L Gr Y``
+    ``M = L R`` comes from :meth:`FactoredUpdate.plus_latest` (``L = [s B, D_l]``,
+    ``R = [A; D_r]``, or the window's own factors when ``D`` already spans the latest ones).
+    Its Gram matrices come from the update (which reuses what its predictor computed), the top
+    ``r`` eigenpairs of ``Gl Gr`` give ``V_r = R^T Y`` and ``U_r S_r = L Gr Y``
     (:func:`~nextoffline.ops.decompose.top_eigvecs`, started from the latest ``A``), and the
     new factors are formed straight from ``L`` and ``R``: nothing of size ``m x n`` or
     ``m x p'`` is materialised.
@@ -70,36 +71,27 @@ def refactor_keep_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, 
     """
     r = b.shape[-1]
     s = scaling.to(b).reshape(-1, 1, 1)
-    sb = s * b
-    gram_dl, gram_dr = update.grams()
-    cross_l, cross_r = update.cross(sb, a)
-    gram_l = _blocks(sb.mT @ sb, cross_l, gram_dl)
-    gram_r = _blocks(a @ a.mT, cross_r, gram_dr)
+    total, latest = update.plus_latest(b, a, scaling)
+    update_sq = update.frobenius_sq().to(_F64).clamp_min(0)  # |D|^2
+    total_sq = total.frobenius_sq().to(_F64).clamp_min(0)  # |M|^2
+    gram_l, gram_r = total.grams()
     gl, gr, scale = balance_grams(gram_l, gram_r)
-    start = torch.eye(gl.shape[-1], r, dtype=_F64, device=gl.device).expand(gl.shape[0], -1, -1)  # the latest A
-    y, lam = top_eigvecs(gl, gr, r, start=start)
+    del gram_l
+    start = torch.zeros(gl.shape[-1], r, dtype=_F64, device=gl.device)
+    start[latest] = torch.eye(r, dtype=_F64, device=gl.device)  # the latest A
+    y, lam = top_eigvecs(gl, gr, r, start=start.expand(gl.shape[0], -1, -1), total=total_sq)
     coef_v = y / scale.unsqueeze(-1)  # V_r = R^T coef_v
     coef_us = scale.unsqueeze(-1) * (gr @ y)  # U_r S_r = L coef_us
-    energy = gl * gr  # entrywise products of the Grams do not change under balancing
-    update_sq = energy[..., r:, r:].sum((-2, -1)).clamp_min(0)  # |D|^2
-    total_sq = energy.sum((-2, -1)).clamp_min(0)  # |M|^2
-    del energy, gram_l
     tail_sq = (total_sq - lam.sum(-1)).clamp_min(0)
     kept = torch.where(update_sq > 0, 1 - tail_sq / update_sq.clamp_min(1e-300), torch.ones_like(update_sq)).clamp(0, 1)
-    gauge = gram_r[..., :r, :] @ coef_v  # A V_r: the G minimising |G V_r^T - A|
+    gauge = gram_r[..., latest, :].to(_F64) @ coef_v  # A V_r: the G minimising |G V_r^T - A|
     coef_a, coef_b, reset = _anchor_gauge(gauge, lam.clamp_min(0).sqrt(), coef_v, coef_us)
-    new_a = coef_a[..., :r, :].mT.to(a) @ a + update.times_right(coef_a[..., r:, :].mT).to(a)
-    new_b = (sb @ coef_b[..., :r, :].to(sb) + update.left_times(coef_b[..., r:, :]).to(sb)) / s
+    new_a = total.times_right(coef_a.mT).to(a)
+    new_b = total.left_times(coef_b).to(b) / s
     zero = update_sq == 0
     new_b = torch.where(zero.reshape(-1, 1, 1), b, new_b)
     new_a = torch.where(zero.reshape(-1, 1, 1), a, new_a)
     return RefactorResult(b=new_b.to(b.dtype), a=new_a.to(a.dtype), kept_energy=kept, gauge_reset=reset & ~zero)
-
-
-def _blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
-    """The symmetric float64 matrix ``[[TL, TR], [TR^T, BR]]``."""
-    top_left, top_right, bottom_right = top_left.to(_F64), top_right.to(_F64), bottom_right.to(_F64)
-    return torch.cat([torch.cat([top_left, top_right], -1), torch.cat([top_right.mT, bottom_right], -1)], -2)
 
 
 def _anchor_gauge(gauge: torch.Tensor, sigma: torch.Tensor, coef_v: torch.Tensor, coef_us: torch.Tensor):

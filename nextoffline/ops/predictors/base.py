@@ -14,7 +14,7 @@ import torch
 
 from nextoffline.ops.chunk import FactorChunk
 
-__all__ = ["FactoredUpdate", "Predictor", "chunk_key"]
+__all__ = ["FactoredUpdate", "LatestPlusUpdate", "Predictor", "chunk_key"]
 
 
 class FactoredUpdate:
@@ -60,6 +60,60 @@ class FactoredUpdate:
         """``|D|_F^2`` per module (float64)."""
         gram_left, gram_right = self.grams()
         return (gram_left.to(torch.float64) * gram_right.to(torch.float64)).sum((-2, -1))
+
+    def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple["FactoredUpdate", slice]:
+        """``M = s B A + D`` as one factored matrix, and the slice of its inner dimension that
+        holds the latest factors (re-factoring starts from that block and anchors its gauge to it).
+
+        The default stacks ``[s B, left]`` and ``[A; right]`` (width ``r + p``); predictors whose
+        update already spans the latest factors fold them in instead.
+        """
+        return LatestPlusUpdate(scaling.to(b).reshape(-1, 1, 1) * b, a, self), slice(0, a.shape[-2])
+
+
+class LatestPlusUpdate(FactoredUpdate):
+    """``[s B, D_l] @ [A; D_r]``: the latest update plus ``D``, with Grams assembled from blocks
+    (``D``'s own Grams and its cross terms with the latest factors come from ``D``, which may
+    reuse what its predictor computed). Grams are float64."""
+
+    def __init__(self, scaled_b: torch.Tensor, a: torch.Tensor, update: FactoredUpdate) -> None:
+        self.scaled_b, self.a, self.update = scaled_b, a, update
+        self._grams: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def left(self) -> torch.Tensor:
+        return torch.cat([self.scaled_b, self.update.left.to(self.scaled_b)], dim=-1)
+
+    @property
+    def right(self) -> torch.Tensor:
+        return torch.cat([self.a, self.update.right.to(self.a)], dim=-2)
+
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._grams is None:
+            gram_dl, gram_dr = self.update.grams()
+            cross_l, cross_r = self.update.cross(self.scaled_b, self.a)
+            self._grams = (_symmetric_blocks(self.scaled_b.mT @ self.scaled_b, cross_l, gram_dl),
+                           _symmetric_blocks(self.a @ self.a.mT, cross_r, gram_dr))
+        return self._grams
+
+    def left_times(self, coef: torch.Tensor) -> torch.Tensor:
+        r = self.scaled_b.shape[-1]
+        return self.scaled_b @ coef[..., :r, :].to(self.scaled_b) + self.update.left_times(coef[..., r:, :]).to(self.scaled_b)
+
+    def times_right(self, coef: torch.Tensor) -> torch.Tensor:
+        r = self.a.shape[-2]
+        return coef[..., :r].to(self.a) @ self.a + self.update.times_right(coef[..., r:]).to(self.a)
+
+
+def _symmetric_blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
+    """The symmetric float64 matrix ``[[TL, TR], [TR^T, BR]]``, written into one buffer."""
+    k, p = top_left.shape[-1], bottom_right.shape[-1]
+    out = torch.empty(*top_left.shape[:-2], k + p, k + p, dtype=torch.float64, device=top_left.device)
+    out[..., :k, :k] = top_left
+    out[..., :k, k:] = top_right
+    out[..., k:, :k] = top_right.mT
+    out[..., k:, k:] = bottom_right
+    return out
 
 
 def chunk_key(chunk: FactorChunk) -> tuple[str, ...]:

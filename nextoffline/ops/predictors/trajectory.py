@@ -10,7 +10,7 @@ update is ``(c(t*) - c(t_last)) V``, so an exactly linear trajectory is reproduc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,14 +35,19 @@ class WindowGrams:
 
     b: torch.Tensor
     a: torch.Tensor
+    _trajectory: tuple[tuple, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def trajectory(self, scaling: torch.Tensor, rank: int) -> torch.Tensor:
-        """``(N, K, K)`` Frobenius Gram ``<dW_i, dW_j>`` (float64)."""
-        n_mod, kr = self.b.shape[0], self.b.shape[-1]
-        k = kr // rank
-        gb = self.b.to(_F64).reshape(n_mod, k, rank, k, rank)
-        ga = self.a.to(_F64).reshape(n_mod, k, rank, k, rank)
-        return scaling.to(_F64).reshape(-1, 1, 1) ** 2 * torch.einsum("niajb,niajb->nij", gb, ga)
+        """``(N, K, K)`` Frobenius Gram ``<dW_i, dW_j>`` (float64; computed once per scaling)."""
+        key = (rank, tuple(scaling.tolist()))
+        if self._trajectory is None or self._trajectory[0] != key:
+            n_mod, kr = self.b.shape[0], self.b.shape[-1]
+            k = kr // rank
+            gb = self.b.to(_F64).reshape(n_mod, k, rank, k, rank)
+            ga = self.a.to(_F64).reshape(n_mod, k, rank, k, rank)
+            gram = scaling.to(_F64).reshape(-1, 1, 1) ** 2 * torch.einsum("niajb,niajb->nij", gb, ga)
+            self._trajectory = (key, gram)
+        return self._trajectory[1]
 
 
 def window_grams(chunk: FactorChunk) -> WindowGrams:
@@ -87,9 +92,29 @@ class WindowUpdate(FactoredUpdate):
 
     def __init__(self, window: FactorChunk, weights: torch.Tensor, grams: WindowGrams | None) -> None:
         self.window = window
+        self.weights = weights  # (N, W): w_i
         self.block_weights = weights * window.scaling.to(weights).unsqueeze(-1)  # (N, W): w_i s
         self.window_grams = grams
         self._gram_left = self._gram_right = None  # the stacked form's Grams, if ever needed
+
+    def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple[FactoredUpdate, slice]:
+        """``s B A + D`` is again a weighted sum of the window's updates (the latest one's weight
+        plus one), so its Grams are the window Grams re-weighted: width ``W r``, not ``(W + 1) r``."""
+        if self.window_grams is None or not (_same_tensor(b, self.window.b[-1]) and _same_tensor(a, self.window.a[-1])
+                                             and _same_tensor(scaling, self.window.scaling)):
+            return super().plus_latest(b, a, scaling)
+        weights = self.weights.clone()
+        weights[:, -1] += 1
+        r = a.shape[-2]
+        return WindowUpdate(self.window, weights, self.window_grams), slice(weights.shape[-1] * r - r, weights.shape[-1] * r)
+
+    def frobenius_sq(self) -> torch.Tensor:
+        """``w^T T w`` with the window's trajectory Gram ``T`` (no pass over the factor Grams)."""
+        if self.window_grams is None:
+            return super().frobenius_sq()
+        gram = self.window_grams.trajectory(self.window.scaling, self.window.b.shape[-1])
+        w = self.weights.to(gram)
+        return torch.einsum("ni,nij,nj->n", w, gram, w)
 
     @property
     def left(self) -> torch.Tensor:
@@ -182,6 +207,15 @@ class TrajectoryRank1Predictor(Predictor):
 
     def settings(self) -> dict[str, Any]:
         return {"predictor": "trajectory-rank1", "regressor": self.regressor_name, "window": self.window}
+
+
+def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same values: the same memory (a view of the same storage) or, failing that, equal."""
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
+        return True
+    return bool(torch.equal(x, y))
 
 
 def _window_key(window: FactorChunk) -> tuple:
