@@ -232,3 +232,28 @@ def test_per_chunk_predictors_read_the_trajectory_once(linear_run: Path, monkeyp
         two_pass = pipeline._build_candidates(trajectory, predictors["linear"], [(single.candidates[0].target_step, 1.0)], "keep", settings)
         for key, value in single.candidates[0].tensors.items():
             assert torch.allclose(value, two_pass[0].tensors[key], rtol=1e-4, atol=1e-7), key
+
+
+def test_next_training_in_slices_matches_the_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded-memory training (gradients summed over row slices) is the same full-batch fit."""
+    import nextoffline.ops.predictors.next as next_module
+    from nextoffline.ops.chunk import FactorChunk
+
+    gen = torch.Generator().manual_seed(3)
+    k, n_mod, m, n, r = 7, 3, 24, 16, 2
+    chunk = FactorChunk([f"m{i}" for i in range(n_mod)], torch.arange(k, dtype=torch.float64) * 10,
+                        torch.randn(k, n_mod, m, r, generator=gen).cumsum(0), torch.randn(k, n_mod, r, n, generator=gen).cumsum(0),
+                        torch.full((n_mod,), 2.0))
+    predictions = []
+    for activation_bytes in (2**30, 4 * 16 * 3):  # one slice; slices of 3 rows at d = 16 (many at d = 24)
+        monkeypatch.setattr(next_module, "ACTIVATION_BYTES", activation_bytes)
+        predictor = next_module.NextPredictor(horizon=2, epochs=25, lr=1e-3)
+        predictor.observe(chunk)
+        predictor.fit()
+        predictions.append((predictor._predicted[tuple(chunk.names)], dict(predictor.training_loss)))
+    (full, full_loss), (sliced, sliced_loss) = predictions
+    for kind in ("u", "v", "sigma"):
+        assert torch.allclose(full[kind], sliced[kind], rtol=1e-4, atol=1e-6), kind
+    assert full_loss.keys() == sliced_loss.keys()
+    for label, value in full_loss.items():
+        assert abs(value - sliced_loss[label]) <= 1e-4 * max(abs(value), 1e-12), label

@@ -36,6 +36,9 @@ __all__ = ["NextPredictor", "NextNetwork"]
 
 LOG = logging.getLogger(__name__)
 
+#: Bytes of one ``d``-wide activation per forward slice during training (bounds peak memory).
+ACTIVATION_BYTES = 16 * 2**20
+
 
 class _Branch(nn.Sequential):
     """Linear(d, hidden) -> Linear(hidden, d) -> ReLU -> Linear(d, hidden) -> Linear(hidden, out)."""
@@ -126,7 +129,10 @@ class NextPredictor(Predictor):
         return self._step_span
 
     def fit(self) -> None:
-        for (kind, dim), samples in self._samples.items():
+        # smallest networks first, each group's samples dropped once it is trained: the peak is
+        # the widest network with its own samples only
+        for kind, dim in sorted(self._samples, key=lambda group: group[1]):
+            samples = self._samples.pop((kind, dim))
             prediction = self._train_and_predict(f"{kind}[{dim}]", samples)
             offset = 0
             for key, rows in samples.owners:
@@ -135,29 +141,44 @@ class NextPredictor(Predictor):
 
     def _train_and_predict(self, label: str, samples: _Samples) -> torch.Tensor:
         """Train one network on every row of ``samples``; return its prediction from the last step."""
-        glob, local, target = (torch.cat(parts, dim=1) for parts in (samples.global_, samples.local, samples.target))
-        valid = ~torch.isnan(target).flatten(1).any(-1)  # steps whose target exists
+        stacked = []
+        for name in ("global_", "local", "target"):
+            stacked.append(torch.cat(getattr(samples, name), dim=1))
+            setattr(samples, name, [])  # the parts are not needed twice
+        glob, local, target = stacked
+        valid = _steps_index(~torch.isnan(target).flatten(1).any(-1))  # steps whose target exists
         net = self._train(glob[valid], local[valid], target[valid], label)
         with torch.no_grad():
             return net(glob[-1].to(self.device), local[-1].to(self.device)).cpu()
 
     def _train(self, x_g: torch.Tensor, x_l: torch.Tensor, y: torch.Tensor, label: str) -> NextNetwork:
-        """Full-batch training; inputs ``(steps, rows, d)``; loss summed, divided by the steps."""
+        """Full-batch training; inputs ``(steps, rows, d)``; loss summed, divided by the steps.
+
+        The batch goes through the network in slices whose ``d``-wide activations stay near
+        :data:`ACTIVATION_BYTES`, their gradients summed before the optimizer step: the same
+        full-batch gradient (the network is row-wise), with bounded memory.
+        """
         torch.manual_seed(self.seed)
-        net = NextNetwork(x_g.shape[-1], self.hidden).to(self.device)
-        x_g, x_l, y = x_g.to(self.device), x_l.to(self.device), y.to(self.device)
+        dim = x_g.shape[-1]
+        net = NextNetwork(dim, self.hidden).to(self.device)
+        steps = max(x_g.shape[0], 1)
+        x_g, x_l, y = (t.reshape(-1, dim).to(self.device) for t in (x_g, x_l, y))
         optimizer = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.epochs, 1), eta_min=0.1 * self.lr)
-        steps = max(x_g.shape[0], 1)
+        rows = max(1, ACTIVATION_BYTES // (4 * dim))
         loss = torch.tensor(float("nan"))
         for _epoch in range(self.epochs):
             optimizer.zero_grad(set_to_none=True)
-            error = net(x_g, x_l) - y
-            loss = (error.abs() if self.loss == "l1" else error.square()).sum() / steps
-            loss.backward()
+            loss = torch.zeros((), device=self.device)
+            for start in range(0, y.shape[0], rows):
+                part = slice(start, start + rows)
+                error = net(x_g[part], x_l[part]) - y[part]
+                piece = (error.abs() if self.loss == "l1" else error.square()).sum() / steps
+                piece.backward()
+                loss += piece.detach()
             optimizer.step()
             schedule.step()
-        self.training_loss[label] = float(loss.detach())
+        self.training_loss[label] = float(loss)
         LOG.debug("next %s: %d rows x %d steps, final %s loss %.3e", label, y.shape[1], y.shape[0], self.loss, self.training_loss[label])
         return net.eval()
 
@@ -172,6 +193,14 @@ class NextPredictor(Predictor):
     def settings(self) -> dict[str, Any]:
         return {"predictor": "next", "horizon": self.horizon, "epochs": self.epochs, "lr": self.lr,
                 "hidden": self.hidden, "loss": self.loss, "seed": self.seed}
+
+
+def _steps_index(mask: torch.Tensor) -> slice | torch.Tensor:
+    """A slice (a view, no copy) when the selected steps are one contiguous run."""
+    index = mask.nonzero().flatten()
+    if index.numel() and int(index[-1] - index[0]) + 1 == index.numel():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
