@@ -30,7 +30,7 @@ import torch
 
 from nextoffline.errors import NextOfflineError, NotEnoughCheckpointsError, UsageError
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_json, write_text
-from nextoffline.loader import open_readers, plan_chunks, read_chunk
+from nextoffline.loader import iter_chunks, open_readers, plan_chunks, read_chunk
 from nextoffline.ops.chunk import FactorChunk
 from nextoffline.ops.predictors import auto_candidates, make_predictor, parse_predictor_name
 from nextoffline.ops.predictors.base import FactoredUpdate
@@ -213,28 +213,28 @@ def compute_curves(
             failures[name] = str(exc)
             del fitted[name]
 
+    # pass 1 (streamed, one read of every factor): coefficients of every module; observe
+    for _plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes):
+        rank1 = trajectory_rank1(chunk)
+        coefficients = rank1.coefficients.cpu()
+        for j, name in enumerate(chunk.names):
+            last = float(coefficients[j, -1])
+            all_names.append(name)
+            all_normalised.append([float(c) / last if last else 0.0 for c in coefficients[j]])
+            all_explained.append(float(rank1.explained[j]))
+        index = [j for j, name in enumerate(chunk.names) if name in wanted]
+        for name in group_level:
+            observe(name, chunk)
+        if index:
+            sub = _subchunk(chunk, index)
+            for name in per_module:
+                observe(name, sub)
+            for j in index:
+                curves[chunk.names[j]] = ModuleCurves(chunk.names[j], chunk.steps.tolist(), coefficients[j].tolist(),
+                                                      float(rank1.explained[j]), list(grid), {})
+    for name, predictor in fitted.items():
+        predictor.fit()
     with open_readers(trajectory) as readers:
-        for plan in plans:  # pass 1: coefficients of every module; observe
-            chunk = read_chunk(plan, trajectory, readers, settings.device)
-            rank1 = trajectory_rank1(chunk)
-            coefficients = rank1.coefficients.cpu()
-            for j, name in enumerate(chunk.names):
-                last = float(coefficients[j, -1])
-                all_names.append(name)
-                all_normalised.append([float(c) / last if last else 0.0 for c in coefficients[j]])
-                all_explained.append(float(rank1.explained[j]))
-            index = [j for j, name in enumerate(chunk.names) if name in wanted]
-            for name in group_level:
-                observe(name, chunk)
-            if index:
-                sub = _subchunk(chunk, index)
-                for name in per_module:
-                    observe(name, sub)
-                for j in index:
-                    curves[chunk.names[j]] = ModuleCurves(chunk.names[j], chunk.steps.tolist(), coefficients[j].tolist(),
-                                                          float(rank1.explained[j]), list(grid), {})
-        for name, predictor in fitted.items():
-            predictor.fit()
         for plan in plans:  # pass 2: predictions of the selected modules
             index = [j for j, name in enumerate(plan.names) if name in wanted]
             if not index:
