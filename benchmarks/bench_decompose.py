@@ -16,9 +16,16 @@ One run measures, each in a fresh child process (so timings and peak RSS do not 
   to the whole trajectory (unmeasured shapes by the ``m n min(m, n)`` cost model of the largest
   measured shape). The same modules are checked against our triplets (accuracy).
 
-Prints one line ``decompose_vs_read=X dense_vs_ours=Y peak_rss_gb=Z`` and a table, where
-``decompose_vs_read`` = decomposition compute time (global+local) / read time and
-``dense_vs_ours`` = scaled dense time / our compute time (global+local, same set of triplets).
+* ``copy``: the same staged bytes copied to the compute device (pinned host-to-device on CUDA,
+  a memory copy on CPU): the device floor.
+
+Prints one line ``decompose_vs_read=X dense_vs_ours=Y peak_rss_gb=Z`` (plus
+``decompose_vs_h2d_bandwidth=W`` with ``--device cuda``) and a table, where
+``decompose_vs_read`` = decomposition compute time (global+local) / read time,
+``dense_vs_ours`` = scaled dense time / our compute time (global+local, same set of triplets) and
+``decompose_vs_h2d_bandwidth`` = host-to-device copy time / decomposition compute time (which
+includes its own host-to-device copy): the decomposition's throughput as a fraction of the copy
+bandwidth (target >= 0.5).
 
 Usage: ``python benchmarks/bench_decompose.py [--quick] [--device cuda] [--repeat N]``
 """
@@ -63,6 +70,35 @@ def child_read(args) -> dict:
             total += raw.nbytes
         wall = time.perf_counter() - start
     return {"read_s": wall, "bytes": total, "peak_rss_gb": common.peak_rss_gb()}
+
+
+def child_copy(args) -> dict:
+    """The device floor: the same staged bytes copied to the compute device (host-to-device on
+    CUDA from pinned staging memory, as the loader does; a plain memory copy on CPU)."""
+    import torch
+
+    from nextoffline.loader import BufferPool, open_readers, plan_chunks, read_raw
+    from nextoffline.trajectory import load_trajectory
+
+    device = torch.device(args.device)
+    trajectory = load_trajectory(args.root)
+    plans = plan_chunks(trajectory, budget_bytes=args.chunk_bytes)
+    staging, targets = BufferPool(), BufferPool() if device.type == "cpu" else None
+    total, wall = 0, 0.0
+    with open_readers(trajectory) as readers:
+        for plan in plans:
+            raw = read_raw(plan, trajectory, readers, buffers=staging, pin_memory=device.type == "cuda")
+            _sync(device)
+            start = time.perf_counter()
+            for name, tensor in (("b", raw.b), ("a", raw.a)):
+                if targets is not None:
+                    targets.take(name, tensor.shape, tensor.dtype).copy_(tensor)
+                else:
+                    tensor.to(device, non_blocking=True)
+            _sync(device)
+            wall += time.perf_counter() - start
+            total += raw.nbytes
+    return {"copy_s": wall, "bytes": total}
 
 
 def child_ours(args) -> dict:
@@ -176,7 +212,7 @@ def child_dense(args) -> dict:
     return {"shapes": out, "sigma_rel_err": worst_sigma, "min_abs_cos": worst_cos}
 
 
-CHILDREN = {"read": child_read, "ours": child_ours, "stream": child_stream, "dense": child_dense}
+CHILDREN = {"read": child_read, "copy": child_copy, "ours": child_ours, "stream": child_stream, "dense": child_dense}
 
 
 # -------------------------------------------------------------------------------------- parent
@@ -228,10 +264,11 @@ def main() -> None:
     script = Path(__file__).resolve()
     child = _child_args(args, root)
 
-    reads, ours, streams = [], [], []
-    for _ in range(repeat):  # interleaved, so that both see the same machine load
+    reads, copies, ours, streams = [], [], [], []
+    for _ in range(repeat):  # interleaved, so that all see the same machine load
         common.warm_page_cache(files)
         reads.append(common.run_child(script, ["--child", "read", *child]))
+        copies.append(common.run_child(script, ["--child", "copy", *child]))
         ours.append(common.run_child(script, ["--child", "ours", *child]))
     for _ in range(max(1, repeat - 1)):
         common.warm_page_cache(files)
@@ -277,6 +314,10 @@ def main() -> None:
         notes.append(f"{group[0]}x{group[1]} x{count}: global {t['global_s']:.2f} s, local {t['local_s']:.2f} s ({how})")
 
     ratio_read = compute_gl / read_s
+    copy_s = min(c["copy_s"] for c in copies)
+    on_gpu = args.device.startswith("cuda")
+    # GPU target: decomposition throughput as a fraction of the host-to-device copy bandwidth
+    ratio_copy = copy_s / compute_gl
     ratio_dense = dense_gl / compute_gl
     result = {
         "machine": machine,
@@ -295,7 +336,11 @@ def main() -> None:
         "dense": dense,
         "dense_global_local_s": dense_gl,
         "dense_targets_extra_s": dense_targets,
+        "copies": copies,
+        "copy_s": copy_s,
+        "copy_gbps": read_bytes / copy_s / 1e9,
         "decompose_vs_read": ratio_read,
+        "decompose_vs_copy_bandwidth": ratio_copy,
         "end_to_end_vs_read": stream_s / read_s,
         "dense_vs_ours": ratio_dense,
         "peak_rss_gb": peak_rss,
@@ -312,7 +357,9 @@ def main() -> None:
     print(f"device: {args.device}; best of {repeat} (read, decompose), {len(streams)} (streamed); chunk budget {args.chunk_bytes / 2**20:.0f} MiB")
     rows = [
         ("read all factor bytes (page cache, loader's reader)", read_s, f"{read_bytes / read_s / 1e9:.2f} GB/s"),
-        ("decompose: widen + check", best_ours["convert_s"], ""),
+        ("copy the staged bytes to the device" + (" (host-to-device)" if on_gpu else " (memcpy)"), copy_s,
+         f"{read_bytes / copy_s / 1e9:.2f} GB/s"),
+        ("decompose: widen + check" + (" (incl. host-to-device)" if on_gpu else ""), best_ours["convert_s"], ""),
         ("decompose: global+local triplets", best_ours["global_local_s"], f"{best_ours['triplets']} triplets"),
         ("decompose compute total (global+local)", compute_gl, f"{compute_gl / read_s:.2f} x read"),
         ("decompose end-to-end, streamed (reader thread)", stream_s, f"{stream_s / read_s:.2f} x read"),
@@ -327,10 +374,13 @@ def main() -> None:
     print(f"| {'peak RSS, streamed decomposition'.ljust(width)} | {peak_rss:8.2f} GB | after imports {streams[0]['rss_after_import_gb']:.2f} GB; "
           f"triplets kept {streams[0]['kept_gb']:.2f} GB")
     print(f"| {'accuracy vs dense SVD (sampled modules)'.ljust(width)} | sigma rel err {dense['sigma_rel_err']:.1e}, min |cos| {dense['min_abs_cos']:.7f}")
+    print(f"| {'decomposition rate / copy-to-device rate'.ljust(width)} | {ratio_copy:10.2f} | "
+          f"target >= 0.5 on GPU{'' if on_gpu else ' (not applicable on CPU)'}")
     for note in notes:
         print(f"  dense {note}")
     print(f"(benchmark wall time {time.perf_counter() - run_start:.1f} s)")
-    print(f"decompose_vs_read={ratio_read:.2f} dense_vs_ours={ratio_dense:.0f} peak_rss_gb={peak_rss:.2f}")
+    line = f"decompose_vs_read={ratio_read:.2f} dense_vs_ours={ratio_dense:.0f} peak_rss_gb={peak_rss:.2f}"
+    print(line + (f" decompose_vs_h2d_bandwidth={ratio_copy:.2f}" if on_gpu else ""))
 
 
 if __name__ == "__main__":
