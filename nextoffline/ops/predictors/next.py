@@ -159,9 +159,8 @@ class NextPredictor(Predictor):
         full-batch gradient (the network is row-wise), with bounded memory.
         """
         torch.manual_seed(self.seed)
-        dim = x_g.shape[-1]
+        steps, rows_per_step, dim = x_g.shape
         net = NextNetwork(dim, self.hidden).to(self.device)
-        steps = max(x_g.shape[0], 1)
         x_g, x_l, y = (t.reshape(-1, dim).to(self.device) for t in (x_g, x_l, y))
         optimizer = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.epochs, 1), eta_min=0.1 * self.lr)
@@ -173,13 +172,13 @@ class NextPredictor(Predictor):
             for start in range(0, y.shape[0], rows):
                 part = slice(start, start + rows)
                 error = net(x_g[part], x_l[part]) - y[part]
-                piece = (error.abs() if self.loss == "l1" else error.square()).sum() / steps
+                piece = (error.abs() if self.loss == "l1" else error.square()).sum() / max(steps, 1)
                 piece.backward()
                 loss += piece.detach()
             optimizer.step()
             schedule.step()
         self.training_loss[label] = float(loss)
-        LOG.debug("next %s: %d rows x %d steps, final %s loss %.3e", label, y.shape[1], y.shape[0], self.loss, self.training_loss[label])
+        LOG.debug("next %s: %d rows x %d steps, final %s loss %.3e", label, rows_per_step, steps, self.loss, self.training_loss[label])
         return net.eval()
 
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
