@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nextoffline.ops.decompose import Triplets, align_signs, align_to, difference_factors, mat_times, normalised, row_times, solve_balanced
+from nextoffline.ops.decompose import Triplets, align_signs, align_to, difference_factors, mat_times, normalised, row_times, solve_balanced, symmetric_blocks
 
-__all__ = ["FactorChunk", "Rank1Features", "rank1_features"]
+__all__ = ["FactorChunk", "Rank1Features", "contiguous_index", "rank1_features"]
 
 
 @dataclass
@@ -44,7 +44,7 @@ class FactorChunk:
 
     def select_steps(self, index: list[int]) -> "FactorChunk":
         """The same modules at a subset of steps (a prefix for backtests, a window for fits)."""
-        at = _steps_index(list(index))  # a view (no copy) for a contiguous run of steps
+        at = contiguous_index(list(index))  # a view (no copy) for a contiguous run of steps
         return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling)
 
 
@@ -129,9 +129,10 @@ class _GlobalGrams:
         return [Triplets(batch.sigma[t], batch.u[t], batch.v[t]) for t in range(k)]
 
 
-def _steps_index(steps: list[int]) -> slice | list[int]:
-    """A slice when ``steps`` is a contiguous run (no gather copy), else the list."""
-    if steps == list(range(steps[0], steps[-1] + 1)):
+def contiguous_index(steps: list[int]) -> slice | list[int]:
+    """A slice when ``steps`` is a non-empty contiguous run (indexing with it is a view, not a
+    gather copy), else the list."""
+    if steps and steps == list(range(steps[0], steps[-1] + 1)):
         return slice(steps[0], steps[-1] + 1)
     return steps
 
@@ -157,8 +158,8 @@ class _Scratch:
 def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: list[int], scratch: _Scratch, *,
                    derive_globals: bool) -> list[Triplets]:
     """Top triplets of ``dW_t1 - dW_t0`` for the given step pairs (all modules), never dense."""
-    b1, b0 = chunk.b[_steps_index(t1)], chunk.b[_steps_index(t0)]
-    a1, a0 = chunk.a[_steps_index(t1)], chunk.a[_steps_index(t0)]
+    b1, b0 = chunk.b[contiguous_index(t1)], chunk.b[contiguous_index(t0)]
+    a1, a0 = chunk.a[contiguous_index(t1)], chunk.a[contiguous_index(t0)]
     d, f = scratch.take(len(t1))
     torch.sub(b1, b0, out=d)  # (P, N, m, r)
     torch.sub(a1, a0, out=f)  # (P, N, r, n)
@@ -171,9 +172,9 @@ def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: l
     gb0 = torch.stack([grams.gb[t] for t in t0])
     ga1 = torch.stack([grams.ga[t] for t in t1])
     s2 = chunk.scaling.to(_F64).square().reshape(-1, 1, 1)
-    gl = torch.cat([torch.cat([dd, db], -1), torch.cat([db.mT, gb0], -1)], -2) * s2
+    gl = symmetric_blocks(dd, db, gb0) * s2
     cross = fa.mT + ff  # A_t1 F^T
-    gr = torch.cat([torch.cat([ga1, cross], -1), torch.cat([cross.mT, ff], -1)], -2)
+    gr = symmetric_blocks(ga1, cross, ff)
     coef_v, coef_u = solve_balanced(gl, gr)
     r = chunk.b.shape[-1]
     v = row_times(coef_v[..., :r], a1).add_(row_times(coef_v[..., r:], f))

@@ -33,6 +33,7 @@ __all__ = [
     "top_eigvec",
     "top_eigvecs",
     "stacked_gram",
+    "symmetric_blocks",
     "balance_grams",
     "difference_factors",
     "frobenius_sq",
@@ -340,6 +341,17 @@ def stacked_gram(stacked: torch.Tensor, *, block: int = 256) -> torch.Tensor:
         piece = stacked[..., start:stop, :] @ stacked[..., start:, :].mT
         out[..., start:stop, start:] = piece
         out[..., stop:, start:stop] = piece[..., :, stop - start:].mT
+    return out
+
+
+def symmetric_blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
+    """The symmetric float64 matrix ``[[TL, TR], [TR^T, BR]]`` (batched), written into one buffer."""
+    k, p = top_left.shape[-1], bottom_right.shape[-1]
+    out = torch.empty(*top_left.shape[:-2], k + p, k + p, dtype=_SMALL, device=top_left.device)
+    out[..., :k, :k] = top_left
+    out[..., :k, k:] = top_right
+    out[..., k:, :k] = top_right.mT
+    out[..., k:, k:] = bottom_right
     return out
 
 

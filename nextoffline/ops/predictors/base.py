@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from nextoffline.ops.chunk import FactorChunk
+from nextoffline.ops.decompose import symmetric_blocks
 
 __all__ = ["FactoredUpdate", "LatestPlusUpdate", "Predictor", "chunk_key"]
 
@@ -92,8 +93,8 @@ class LatestPlusUpdate(FactoredUpdate):
         if self._grams is None:
             gram_dl, gram_dr = self.update.grams()
             cross_l, cross_r = self.update.cross(self.scaled_b, self.a)
-            self._grams = (_symmetric_blocks(self.scaled_b.mT @ self.scaled_b, cross_l, gram_dl),
-                           _symmetric_blocks(self.a @ self.a.mT, cross_r, gram_dr))
+            self._grams = (symmetric_blocks(self.scaled_b.mT @ self.scaled_b, cross_l, gram_dl),
+                           symmetric_blocks(self.a @ self.a.mT, cross_r, gram_dr))
         return self._grams
 
     def left_times(self, coef: torch.Tensor) -> torch.Tensor:
@@ -103,17 +104,6 @@ class LatestPlusUpdate(FactoredUpdate):
     def times_right(self, coef: torch.Tensor) -> torch.Tensor:
         r = self.a.shape[-2]
         return coef[..., :r].to(self.a) @ self.a + self.update.times_right(coef[..., r:]).to(self.a)
-
-
-def _symmetric_blocks(top_left: torch.Tensor, top_right: torch.Tensor, bottom_right: torch.Tensor) -> torch.Tensor:
-    """The symmetric float64 matrix ``[[TL, TR], [TR^T, BR]]``, written into one buffer."""
-    k, p = top_left.shape[-1], bottom_right.shape[-1]
-    out = torch.empty(*top_left.shape[:-2], k + p, k + p, dtype=torch.float64, device=top_left.device)
-    out[..., :k, :k] = top_left
-    out[..., :k, k:] = top_right
-    out[..., k:, :k] = top_right.mT
-    out[..., k:, k:] = bottom_right
-    return out
 
 
 def chunk_key(chunk: FactorChunk) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from nextoffline.errors import NotEnoughCheckpointsError
-from nextoffline.ops.chunk import FactorChunk, rank1_features
+from nextoffline.ops.chunk import FactorChunk, contiguous_index, rank1_features
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 
 __all__ = ["NextPredictor", "NextNetwork"]
@@ -146,7 +146,8 @@ class NextPredictor(Predictor):
             stacked.append(torch.cat(getattr(samples, name), dim=1))
             setattr(samples, name, [])  # the parts are not needed twice
         glob, local, target = stacked
-        valid = _steps_index(~torch.isnan(target).flatten(1).any(-1))  # steps whose target exists
+        has_target = ~torch.isnan(target).flatten(1).any(-1)
+        valid = contiguous_index(has_target.nonzero().flatten().tolist())  # a view when contiguous (the usual case)
         net = self._train(glob[valid], local[valid], target[valid], label)
         with torch.no_grad():
             return net(glob[-1].to(self.device), local[-1].to(self.device)).cpu()
@@ -192,14 +193,6 @@ class NextPredictor(Predictor):
     def settings(self) -> dict[str, Any]:
         return {"predictor": "next", "horizon": self.horizon, "epochs": self.epochs, "lr": self.lr,
                 "hidden": self.hidden, "loss": self.loss, "seed": self.seed}
-
-
-def _steps_index(mask: torch.Tensor) -> slice | torch.Tensor:
-    """A slice (a view, no copy) when the selected steps are one contiguous run."""
-    index = mask.nonzero().flatten()
-    if index.numel() and int(index[-1] - index[0]) + 1 == index.numel():
-        return slice(int(index[0]), int(index[-1]) + 1)
-    return index
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
