@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,8 +40,19 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of every file, one thread per core (hashing releases the GIL; it is CPU-bound)."""
+    workers = max(1, min(len(paths), os.cpu_count() or 1))
+    if workers == 1:
+        return [_sha256(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def source_record(trajectory: Trajectory) -> dict[str, Any]:
     """Where the trajectory came from, with a hash of every file read."""
+    configs = [ref.adapter_dir / ADAPTER_CONFIG_NAME for ref in trajectory.steps]
+    weight_hashes = _sha256_all([ref.weights_file for ref in trajectory.steps])
     return {
         "label": trajectory.source_label,
         "format": trajectory.format_name,
@@ -48,10 +61,10 @@ def source_record(trajectory: Trajectory) -> dict[str, Any]:
             {
                 "step": ref.step,
                 "weights": str(ref.weights_file),
-                "weights_sha256": _sha256(ref.weights_file),
-                "config_sha256": _sha256(ref.adapter_dir / ADAPTER_CONFIG_NAME) if (ref.adapter_dir / ADAPTER_CONFIG_NAME).is_file() else None,
+                "weights_sha256": weights_sha256,
+                "config_sha256": _sha256(config) if config.is_file() else None,
             }
-            for ref in trajectory.steps
+            for ref, config, weights_sha256 in zip(trajectory.steps, configs, weight_hashes)
         ],
     }
 
