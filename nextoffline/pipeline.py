@@ -70,11 +70,16 @@ def _progress(items: Sequence[Any], desc: str, settings: RunSettings) -> Any:
     return tqdm(items, desc=desc, unit="group", disable=not settings.progress, leave=False)
 
 
-def _chunks(trajectory: Trajectory, settings: RunSettings, desc: str):
-    """Yield every chunk of the trajectory over all its steps (one read of the files)."""
+def _chunks(trajectory: Trajectory, settings: RunSettings, desc: str, *, reuse: bool = True):
+    """Yield every chunk of the trajectory over all its steps (one read of the files).
+
+    With ``reuse`` (default) each chunk's factor tensors live in memory that the next chunk
+    overwrites (filling fresh memory for every chunk cost 5.7 s instead of 2.4 s per pass over
+    the 7B-shaped benchmark): consumers and predictors keep computed results, never views.
+    """
     total = len(plan_chunks(trajectory, budget_bytes=settings.chunk_bytes))
     with tqdm(total=total, desc=desc, unit="group", disable=not settings.progress, leave=False) as bar:
-        for plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes):
+        for plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes, reuse=reuse):
             yield plan, chunk
             bar.update(1)
 

@@ -261,3 +261,31 @@ def test_next_training_in_slices_matches_the_full_batch(monkeypatch: pytest.Monk
     assert full_loss.keys() == sliced_loss.keys()
     for label, value in full_loss.items():
         assert abs(value - sliced_loss[label]) <= 1e-4 * max(abs(value), 1e-12), label
+
+
+@pytest.mark.parametrize("method", ["auto", "linear", "power@3", "next"])
+def test_reused_chunk_memory_changes_no_result(linear_run: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The pipeline reuses chunk memory; a predictor keeping views of a chunk would show up here
+    against private copies of every chunk (one module per chunk: each overwrites the previous)."""
+    import nextoffline.pipeline as pipeline
+    from nextoffline.ops.chunk import FactorChunk
+    from nextoffline.trajectory import load_trajectory
+
+    trajectory = load_trajectory(linear_run)
+    settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, next_options={"epochs": 3}, chunk_bytes=1)
+    assert len(pipeline.plan_chunks(trajectory, budget_bytes=1)) == len(trajectory.modules) > 1
+    reused = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0, 2.0])
+    original = pipeline._chunks
+
+    def private_copies(*args, **kwargs):
+        for plan, chunk in original(*args, **kwargs):
+            yield plan, FactorChunk(chunk.names, chunk.steps.clone(), chunk.b.clone(), chunk.a.clone(), chunk.scaling.clone())
+
+    monkeypatch.setattr(pipeline, "_chunks", private_copies)
+    fresh = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0, 2.0])
+    assert reused.method == fresh.method
+    if reused.backtest is not None:
+        assert reused.backtest.errors == pytest.approx(fresh.backtest.errors, rel=1e-9)
+    for ours, theirs in zip(reused.candidates, fresh.candidates):
+        for key, value in ours.tensors.items():
+            assert torch.allclose(value.double(), theirs.tensors[key].double(), rtol=1e-6, atol=1e-9), key

@@ -3,6 +3,8 @@
 Predictors never see files. The pipeline streams :class:`FactorChunk` objects (modules of
 one shape over the observed steps) twice: first to :meth:`Predictor.observe` (collect what
 the fit needs), then, after :meth:`Predictor.fit`, to :meth:`Predictor.predict_update`.
+A chunk's factor tensors are valid only until the pipeline moves to the next chunk (their
+memory is reused): predictors keep computed results, never views of ``chunk.b``/``chunk.a``.
 """
 
 from __future__ import annotations
