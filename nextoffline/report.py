@@ -214,7 +214,7 @@ def compute_curves(
             del fitted[name]
 
     # pass 1 (streamed, one read of every factor): coefficients of every module; observe
-    for _plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes):
+    for _plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes, reuse=True):
         rank1 = trajectory_rank1(chunk)
         coefficients = rank1.coefficients.cpu()
         for j, name in enumerate(chunk.names):
