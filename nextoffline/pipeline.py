@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
 from nextoffline.loader import DEFAULT_CHUNK_BYTES, iter_chunks, open_readers, plan_chunks
-from nextoffline.ops.chunk import FactorChunk
-from nextoffline.ops.decompose import frobenius_sq, top_triplet
+from nextoffline.ops.chunk import FactorChunk, rank1_features
+from nextoffline.ops.decompose import frobenius_sq
 from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
 from nextoffline.ops.predictors.base import FactoredUpdate
-from nextoffline.ops.predictors.trajectory import trajectory_rank1
+from nextoffline.ops.predictors.trajectory import trajectory_rank1, window_grams
 from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
 from nextoffline.types import Trajectory
 
@@ -94,16 +94,16 @@ def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[st
     local_top, local_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     explained_num, explained_den = 0.0, 0.0
     for _plan, chunk in _chunks(trajectory, settings, "inspect"):
+        features = rank1_features(chunk, horizon=k)  # global and local deltas from shared Gram blocks
         for t in range(k):
-            left, right = chunk.update(t)
-            global_top[t] += top_triplet(left, right).sigma.double().square().sum().cpu()
-            global_total[t] += frobenius_sq(left, right).sum().cpu()
+            global_top[t] += features.global_[t].sigma.double().square().sum().cpu()
+            global_total[t] += features.global_energy[t].sum().cpu()
             if t:
-                left, right = chunk.delta(t, t - 1)
-                local_top[t] += top_triplet(left, right).sigma.double().square().sum().cpu()
-                local_total[t] += frobenius_sq(left, right).sum().cpu()
-        rank1 = trajectory_rank1(chunk)
-        energy = frobenius_sq(*chunk.update(k - 1)).cpu()
+                local_top[t] += features.local[t].sigma.double().square().sum().cpu()
+                local_total[t] += features.local_energy[t].sum().cpu()
+        grams = window_grams(chunk)
+        rank1 = trajectory_rank1(chunk, grams)
+        energy = grams.trajectory(chunk.scaling, chunk.b.shape[-1])[:, -1, -1].cpu()  # |dW_latest|^2
         explained_num += float((rank1.explained.cpu() * energy).sum())
         explained_den += float(energy.sum())
     return {

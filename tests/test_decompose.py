@@ -113,4 +113,9 @@ def test_rank1_features_match_dense_deltas() -> None:
     for t in range(1, k):
         assert torch.allclose(feats.local[t].sigma.double(), torch.linalg.matrix_norm(dense[t] - dense[t - 1], ord=2), rtol=1e-4)
     assert feats.local[0] is None and feats.target[k - 1] is None and feats.target[k - 2] is None
+    for t in range(k):  # Frobenius energies from the same Grams
+        assert torch.allclose(feats.global_energy[t], dense[t].square().sum((-2, -1)), rtol=1e-5)
+    assert feats.local_energy[0] is None
+    for t in range(1, k):
+        assert torch.allclose(feats.local_energy[t], (dense[t] - dense[t - 1]).square().sum((-2, -1)), rtol=1e-4)
     assert torch.allclose(feats.target[0].sigma.double(), torch.linalg.matrix_norm(dense[2] - dense[0], ord=2), rtol=1e-4)

@@ -54,12 +54,15 @@ class Rank1Features:
 
     ``global_[t]`` decomposes ``dW_t``; ``local[t]`` decomposes ``dW_t - dW_{t-lag}``
     (``None`` for ``t < lag``); ``target[t]`` decomposes ``dW_{t+h} - dW_t`` (``None`` where
-    ``t + h`` is past the end).
+    ``t + h`` is past the end). ``global_energy``/``local_energy`` are the squared Frobenius
+    norms ``(N,)`` (float64) of the same deltas, from the Grams the triplets were solved from.
     """
 
     global_: list[Triplets]
     local: list[Triplets | None]
     target: list[Triplets | None]
+    global_energy: list[torch.Tensor]
+    local_energy: list[torch.Tensor | None]
 
 
 def rank1_features(chunk: FactorChunk, *, horizon: int, lag: int = 1) -> Rank1Features:
@@ -80,22 +83,25 @@ def rank1_features(chunk: FactorChunk, *, horizon: int, lag: int = 1) -> Rank1Fe
     grams.compute([0] if lag == 1 else list(range(k)))
     scratch = _Scratch(chunk)
     local_seq: list[Triplets] = []
+    local_energy: list[torch.Tensor | None] = [None] * lag
     for start in range(lag, k, _PAIR_BATCH):
         t1 = list(range(start, min(start + _PAIR_BATCH, k)))
-        local_seq.extend(_pair_triplets(chunk, grams, t1, [t - lag for t in t1], scratch, derive_globals=lag == 1))
+        triplets, energies = _pair_triplets(chunk, grams, t1, [t - lag for t in t1], scratch, derive_globals=lag == 1)
+        local_seq.extend(triplets)
+        local_energy.extend(energies)
     local: list[Triplets | None] = [None] * lag + list(align_signs(local_seq))
     global_ = grams.triplets()
     target: list[Triplets | None] = [None] * k
     targets: list[Triplets] = []
     for start in range(0, max(k - horizon, 0), _PAIR_BATCH):
         t0 = list(range(start, min(start + _PAIR_BATCH, k - horizon)))
-        targets.extend(_pair_triplets(chunk, grams, [t + horizon for t in t0], t0, scratch, derive_globals=False))
+        targets.extend(_pair_triplets(chunk, grams, [t + horizon for t in t0], t0, scratch, derive_globals=False)[0])
     previous: Triplets | None = None
     for t, triplet in enumerate(targets):
         reference = previous if previous is not None else local[t]
         target[t] = align_to(triplet, reference) if reference is not None else triplet
         previous = target[t]
-    return Rank1Features(global_=align_signs(global_), local=local, target=target)
+    return Rank1Features(global_=align_signs(global_), local=local, target=target, global_energy=grams.energies(), local_energy=local_energy)
 
 
 #: Steps whose delta blocks are formed at once (bounds the extra memory to ~this many steps).
@@ -116,6 +122,11 @@ class _GlobalGrams:
         gb, ga = (b.mT @ b).to(_F64), (a @ a.mT).to(_F64)
         for i, t in enumerate(steps):
             self.gb[t], self.ga[t] = gb[i], ga[i]
+
+    def energies(self) -> list[torch.Tensor]:
+        """``|dW_t|_F^2`` ``(N,)`` per step, from the Grams."""
+        s2 = self.chunk.scaling.to(_F64).square()
+        return [s2 * (self.gb[t] * self.ga[t]).sum((-2, -1)) for t in range(self.chunk.num_steps)]
 
     def triplets(self) -> list[Triplets]:
         chunk, k = self.chunk, self.chunk.num_steps
@@ -156,8 +167,9 @@ class _Scratch:
 
 
 def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: list[int], scratch: _Scratch, *,
-                   derive_globals: bool) -> list[Triplets]:
-    """Top triplets of ``dW_t1 - dW_t0`` for the given step pairs (all modules), never dense."""
+                   derive_globals: bool) -> tuple[list[Triplets], list[torch.Tensor]]:
+    """Top triplets and squared Frobenius norms of ``dW_t1 - dW_t0`` for the given step pairs
+    (all modules), never dense."""
     b1, b0 = chunk.b[contiguous_index(t1)], chunk.b[contiguous_index(t0)]
     a1, a0 = chunk.a[contiguous_index(t1)], chunk.a[contiguous_index(t0)]
     d, f = scratch.take(len(t1))
@@ -175,10 +187,11 @@ def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: l
     gl = symmetric_blocks(dd, db, gb0) * s2
     cross = fa.mT + ff  # A_t1 F^T
     gr = symmetric_blocks(ga1, cross, ff)
+    energy = (gl * gr).sum((-2, -1))  # (P, N)
     coef_v, coef_u = solve_balanced(gl, gr)
     r = chunk.b.shape[-1]
     v = row_times(coef_v[..., :r], a1).add_(row_times(coef_v[..., r:], f))
     u = mat_times(d, coef_u[..., :r]).add_(mat_times(b0, coef_u[..., r:]))
     u.mul_(chunk.scaling.to(chunk.b.dtype).reshape(-1, 1))
     batch = normalised(u, v)
-    return [Triplets(batch.sigma[i], batch.u[i], batch.v[i]) for i in range(len(t1))]
+    return [Triplets(batch.sigma[i], batch.u[i], batch.v[i]) for i in range(len(t1))], list(energy.unbind(0))
