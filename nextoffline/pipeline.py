@@ -20,7 +20,7 @@ from nextoffline.ops.chunk import FactorChunk, rank1_features
 from nextoffline.ops.decompose import frobenius_sq
 from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
 from nextoffline.ops.predictors.base import FactoredUpdate
-from nextoffline.ops.predictors.trajectory import trajectory_rank1, window_grams
+from nextoffline.ops.predictors.trajectory import memoise_window_grams, trajectory_rank1, window_grams
 from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
 from nextoffline.types import Trajectory
 
@@ -170,10 +170,67 @@ class BacktestResult:
         }
 
 
-def _difference(update: FactoredUpdate, true_left: torch.Tensor, true_right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    left = torch.cat([update.left, -true_left], dim=-1)
-    right = torch.cat([update.right, true_right], dim=-2)
-    return left, right
+class _HoldoutErrors:
+    """``|D - (dW_t - dW_p)|_F^2`` of predicted updates ``D`` for the held-out steps ``t`` of one
+    chunk (``p`` = the last observed step), summed over its modules; ``base`` holds
+    ``|dW_t - dW_p|_F^2`` (the error of stopping at ``p``).
+
+    An update that is a weighted sum of the chunk's step updates (RELEX-style predictors) is
+    scored with the trajectory Gram ``<dW_i, dW_j>`` of the whole chunk (memoised window Grams):
+    a quadratic form, no pass over the factors. Others are scored through the Grams of the
+    stacked difference.
+    """
+
+    def __init__(self, chunk: FactorChunk, prefix: list[int]) -> None:
+        self.chunk, self.last = chunk, prefix[-1]
+        self.held_out = list(range(prefix[-1] + 1, chunk.num_steps))
+        self._truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._trajectory: torch.Tensor | None = None
+
+    @property
+    def base(self) -> torch.Tensor:
+        return torch.stack([frobenius_sq(*self._true_delta(t)).sum().cpu() for t in self.held_out])
+
+    def of(self, predictor: Predictor, observed: FactorChunk) -> torch.Tensor:
+        """Per held-out step, the squared error of ``predictor`` (which observed ``observed``)."""
+        out = torch.zeros(len(self.held_out), dtype=torch.float64)
+        for j, t in enumerate(self.held_out):
+            update = predictor.predict_update(observed, float(self.chunk.steps[t]))
+            combination = update.step_combination()
+            if combination is not None:
+                out[j] = self._quadratic(combination, t).sum().cpu()
+            else:
+                true_left, true_right = self._true_delta(t)
+                left = torch.cat([update.left, -true_left], dim=-1)
+                right = torch.cat([update.right, true_right], dim=-2)
+                out[j] = frobenius_sq(left, right).sum().cpu()
+        return out
+
+    def _true_delta(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if t not in self._truth:
+            self._truth[t] = self.chunk.delta(t, self.last)
+        return self._truth[t]
+
+    def _quadratic(self, combination: tuple[tuple[int, ...], torch.Tensor], t: int) -> torch.Tensor:
+        if self._trajectory is None:
+            self._trajectory = window_grams(self.chunk).trajectory(self.chunk.scaling, self.chunk.b.shape[-1])
+        steps, weights = combination
+        coef = torch.zeros(weights.shape[0], self.chunk.num_steps, dtype=torch.float64, device=self._trajectory.device)
+        coef[:, list(steps)] = weights.to(coef)
+        coef[:, t] -= 1
+        coef[:, self.last] += 1
+        return torch.einsum("ni,nij,nj->n", coef, self._trajectory, coef).clamp_min(0)
+
+
+def _observe(predictors: dict[str, Predictor], name: str, chunk: FactorChunk, failures: dict[str, str]) -> bool:
+    """``predictors[name].observe(chunk)``; a predictor that cannot use the steps is dropped."""
+    try:
+        predictors[name].observe(chunk)
+    except NotEnoughCheckpointsError as exc:
+        failures[name] = str(exc)
+        del predictors[name]
+        return False
+    return True
 
 
 def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, *, holdout: int = 2) -> BacktestResult:
@@ -190,17 +247,32 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
         )
     prefix = list(range(k - holdout))
     horizon = settings.horizon or default_horizon(len(prefix))
-    predictors, failures = _fit_predictors(trajectory, methods, settings, prefix, horizon)
+    predictors = {m: make_predictor(m, horizon=horizon, options=settings.next_options) for m in methods}
+    failures: dict[str, str] = {}
     err = {name: torch.zeros(holdout, dtype=torch.float64) for name in predictors}
     base = torch.zeros(holdout, dtype=torch.float64)
+    # pass 1: every predictor observes the prefix; per-chunk predictors are scored right away
     for _plan, chunk in _chunks(trajectory, settings, "backtest"):
+        holdout_errors = _HoldoutErrors(chunk, prefix)
+        base += holdout_errors.base
+        if any(p.fits_per_chunk for p in predictors.values()):  # one Gram computation serves every
+            memoise_window_grams(chunk, torch.float64)  # window and the scores (quadratic forms: float64)
         observed = chunk.select_steps(prefix)
-        for j, t in enumerate(range(k - holdout, k)):
-            true_left, true_right = chunk.delta(t, prefix[-1])
-            base[j] += frobenius_sq(true_left, true_right).sum().cpu()
-            for name, predictor in predictors.items():
-                update = predictor.predict_update(observed, float(chunk.steps[t]))
-                err[name][j] += frobenius_sq(*_difference(update, true_left, true_right)).sum().cpu()
+        for name in list(predictors):
+            if not _observe(predictors, name, observed, failures):
+                continue
+            if predictors[name].fits_per_chunk:
+                err[name] += holdout_errors.of(predictors[name], observed)
+    group_level = {name: p for name, p in predictors.items() if not p.fits_per_chunk}
+    for name in _progress(list(group_level), "fit", settings):
+        group_level[name].fit()
+    if group_level:  # pass 2: predictors fitted on every chunk at once
+        for _plan, chunk in _chunks(trajectory, settings, "backtest"):
+            holdout_errors = _HoldoutErrors(chunk, prefix)
+            observed = chunk.select_steps(prefix)
+            for name, predictor in group_level.items():
+                err[name] += holdout_errors.of(predictor, observed)
+    err = {name: e for name, e in err.items() if name in predictors}
     errors = {name: _safe_sqrt_ratio(e.sum(), base.sum()) for name, e in err.items()}
     per_step = {name: [_safe_sqrt_ratio(e[j], base[j]) for j in range(holdout)] for name, e in err.items()}
     steps = trajectory.step_numbers
@@ -220,11 +292,7 @@ def _fit_predictors(
     for _plan, chunk in _chunks(trajectory, settings, "decompose"):
         observed = chunk.select_steps(step_index)
         for name in list(predictors):
-            try:
-                predictors[name].observe(observed)
-            except NotEnoughCheckpointsError as exc:
-                failures[name] = str(exc)
-                del predictors[name]
+            _observe(predictors, name, observed, failures)
     for name in _progress(list(predictors), "fit", settings):
         predictors[name].fit()
     return predictors, failures

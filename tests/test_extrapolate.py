@@ -289,3 +289,47 @@ def test_reused_chunk_memory_changes_no_result(linear_run: Path, monkeypatch: py
     for ours, theirs in zip(reused.candidates, fresh.candidates):
         for key, value in ours.tensors.items():
             assert torch.allclose(value.double(), theirs.tensors[key].double(), rtol=1e-6, atol=1e-9), key
+
+
+def test_backtest_scores_from_the_trajectory_gram_match_the_factored_difference(sqrt_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RELEX-style updates are scored by a quadratic form of the (memoised, float64) trajectory
+    Gram; the generic path (Grams of the stacked difference) must give the same errors."""
+    import nextoffline.pipeline as pipeline
+    from nextoffline.ops.predictors.trajectory import WindowUpdate
+    from nextoffline.trajectory import load_trajectory
+
+    trajectory = load_trajectory(sqrt_run)
+    settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, chunk_bytes=1)
+    methods = ["linear@3", "power@5", "linear", "poly"]
+    fast = pipeline.backtest(trajectory, methods, settings)
+    monkeypatch.setattr(WindowUpdate, "step_combination", lambda self: None)
+    generic = pipeline.backtest(trajectory, methods, settings)
+    assert fast.errors.keys() == generic.errors.keys() == set(methods)
+    for name in methods:
+        # the generic path sums float32 Gram products: relative noise ~1e-6 on real errors, and an
+        # error near 0 is the square root of cancellation noise (~1e-4); the fast path is float64
+        # (its exactness on a linear law is checked in test_report)
+        assert fast.errors[name] == pytest.approx(generic.errors[name], rel=1e-5, abs=1e-3), name
+        assert fast.per_step[name] == pytest.approx(generic.per_step[name], rel=1e-5, abs=1e-3), name
+    assert max(fast.errors.values()) > 0.01  # the law is not linear: real errors are compared
+
+
+def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
+    from nextoffline.ops.chunk import FactorChunk
+    from nextoffline.ops.predictors.trajectory import memoise_window_grams, window_grams
+
+    gen = torch.Generator().manual_seed(4)
+    k, n_mod, m, n, r = 6, 2, 20, 12, 3
+    chunk = FactorChunk(["x", "y"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen),
+                        torch.randn(k, n_mod, r, n, generator=gen), torch.tensor([2.0, 0.5]))
+    direct = {steps: window_grams(chunk.select_steps(list(steps))) for steps in [(1, 2, 3), (0, 2, 5)]}
+    memoised = memoise_window_grams(chunk, torch.float64)
+    assert memoised.b.dtype == torch.float64 and memoise_window_grams(chunk) is memoised
+    prefix = chunk.select_steps([0, 1, 2, 3, 4])
+    assert prefix.step_origin == (0, 1, 2, 3, 4) and prefix.select_steps([1, 2, 3]).step_origin == (1, 2, 3)
+    for steps, expected in direct.items():
+        ours = window_grams(prefix.select_steps(list(steps)) if max(steps) < 5 else chunk.select_steps(list(steps)))
+        shared = ours.b.untyped_storage().data_ptr() == memoised.b.untyped_storage().data_ptr()
+        assert shared == (steps == (1, 2, 3))  # a contiguous run is a view of the memo, others are computed
+        assert torch.allclose(ours.b.double(), expected.b.double(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(ours.a.double(), expected.a.double(), rtol=1e-5, atol=1e-5)

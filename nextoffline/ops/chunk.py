@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,10 @@ class FactorChunk:
         b: ``(K, N, m, r)`` LoRA B factors.
         a: ``(K, N, r, n)`` LoRA A factors.
         scaling: ``(N,)`` LoRA scalings (``alpha / r`` or ``alpha / sqrt(r)``).
+        origin: indices of these steps in the chunk they were selected from (``None``: the
+            chunk as read, its steps are its own).
+        memo: derived data (e.g. window Grams over every step) shared by all the chunks
+            selected from the same read chunk, so that several predictors compute it once.
     """
 
     names: list[str]
@@ -28,6 +33,8 @@ class FactorChunk:
     b: torch.Tensor
     a: torch.Tensor
     scaling: torch.Tensor
+    origin: tuple[int, ...] | None = None
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
@@ -44,8 +51,15 @@ class FactorChunk:
 
     def select_steps(self, index: list[int]) -> "FactorChunk":
         """The same modules at a subset of steps (a prefix for backtests, a window for fits)."""
-        at = contiguous_index(list(index))  # a view (no copy) for a contiguous run of steps
-        return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling)
+        index = list(index)
+        at = contiguous_index(index)  # a view (no copy) for a contiguous run of steps
+        origin = tuple(self.step_origin[i] for i in index)
+        return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling, origin=origin, memo=self.memo)
+
+    @property
+    def step_origin(self) -> tuple[int, ...]:
+        """Indices of this chunk's steps in the chunk as read."""
+        return self.origin if self.origin is not None else tuple(range(self.num_steps))
 
 
 @dataclass

@@ -64,6 +64,11 @@ class FactoredUpdate:
         gram_left, gram_right = self.grams()
         return (gram_left.to(torch.float64) * gram_right.to(torch.float64)).sum((-2, -1))
 
+    def step_combination(self) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """``(steps, w)`` when ``D = sum_i w[:, i] dW_(steps[i])`` is a weighted sum of the updates
+        at those steps of the chunk as read (then a trajectory Gram scores it), else ``None``."""
+        return None
+
     def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple["FactoredUpdate", slice]:
         """``M = s B A + D`` as one factored matrix, and the slice of its inner dimension that
         holds the latest factors (re-factoring starts from that block and anchors its gauge to it).

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from nextoffline.ops.chunk import FactorChunk
+from nextoffline.ops.chunk import FactorChunk, contiguous_index
 from nextoffline.ops.decompose import stacked_gram
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 from nextoffline.ops.regressors import Regressor, make_regressor
 
-__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "trajectory_rank1"]
+__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "memoise_window_grams", "trajectory_rank1"]
 
 _F64 = torch.float64
 
@@ -51,10 +51,41 @@ class WindowGrams:
 
 
 def window_grams(chunk: FactorChunk) -> WindowGrams:
-    """Gram matrices of the stacked factors of every module of ``chunk`` (all its steps)."""
+    """Gram matrices of the stacked factors of every module of ``chunk`` (all its steps).
+
+    When the Grams of the chunk it was selected from are memoised (:func:`memoise_window_grams`)
+    and its steps are a contiguous run of that chunk's, they are a slice of those (no GEMM).
+    """
+    full = chunk.memo.get(_GRAMS_MEMO)
+    at = contiguous_index(list(chunk.step_origin))
+    if full is not None and isinstance(at, slice):
+        r = chunk.b.shape[-1]
+        rows = slice(at.start * r, at.stop * r)
+        return WindowGrams(b=full.b[..., rows, rows], a=full.a[..., rows, rows])
+    return _stacked_grams(chunk)
+
+
+def memoise_window_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
+    """Window Grams over every step of a chunk as read, kept for the chunks selected from it
+    (several predictors observing windows of one chunk then share one computation).
+
+    ``dtype`` (default: the chunk's) is the precision of the Gram products; float64 when
+    quadratic forms of them cancel (backtest scores of near-exact predictions).
+    """
+    if chunk.origin is not None:
+        raise ValueError("memoise_window_grams needs the chunk as read, not a selection of its steps")
+    if _GRAMS_MEMO not in chunk.memo:
+        chunk.memo[_GRAMS_MEMO] = _stacked_grams(chunk, dtype)
+    return chunk.memo[_GRAMS_MEMO]
+
+
+_GRAMS_MEMO = "window_grams"
+
+
+def _stacked_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
     k, n_mod, m, r = chunk.b.shape
-    b_cat = chunk.b.permute(1, 2, 0, 3).reshape(n_mod, m, k * r)
-    a_cat = chunk.a.permute(1, 0, 2, 3).reshape(n_mod, k * r, -1)
+    b_cat = chunk.b.permute(1, 2, 0, 3).reshape(n_mod, m, k * r).to(dtype or chunk.b.dtype)
+    a_cat = chunk.a.permute(1, 0, 2, 3).reshape(n_mod, k * r, -1).to(dtype or chunk.a.dtype)
     return WindowGrams(b=stacked_gram(b_cat.mT), a=stacked_gram(a_cat))
 
 
@@ -107,6 +138,10 @@ class WindowUpdate(FactoredUpdate):
         weights[:, -1] += 1
         r = a.shape[-2]
         return WindowUpdate(self.window, weights, self.window_grams), slice(weights.shape[-1] * r - r, weights.shape[-1] * r)
+
+    def step_combination(self) -> tuple[tuple[int, ...], torch.Tensor]:
+        """``D = sum_i w_i dW_(steps[i])``: the window's steps (in the chunk as read) and ``w``."""
+        return self.window.step_origin, self.weights
 
     def frobenius_sq(self) -> torch.Tensor:
         """``w^T T w`` with the window's trajectory Gram ``T`` (no pass over the factor Grams)."""
