@@ -172,6 +172,16 @@ def test_every_command_has_help(command: str) -> None:
     assert result.exit_code == 0 and "Usage" in result.output
 
 
+def test_cli_chunk_budget_is_the_library_default() -> None:
+    """Benchmarks measure the library default; the CLI must run with the same budget."""
+    from nextoffline.cli.options import DEFAULT_CHUNK_MB
+    from nextoffline.loader import DEFAULT_CHUNK_BYTES
+
+    assert DEFAULT_CHUNK_MB * 2**20 == DEFAULT_CHUNK_BYTES
+    result = CliRunner().invoke(main, ["extrapolate", "--help"])
+    assert f"[default: {DEFAULT_CHUNK_MB};" in " ".join(result.output.split())
+
+
 def test_auto_keeps_latest_when_nothing_beats_stopping(tmp_path: Path) -> None:
     run = make_trajectory(tmp_path / "run", law="constant", noise=0.5)
     code, out = run_cli("extrapolate", run, "--coef", "1", "--method", "auto", "--next-epochs", "20", "--out", tmp_path / "out", "--json")

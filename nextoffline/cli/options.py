@@ -95,10 +95,15 @@ def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+#: ``nextoffline.loader.DEFAULT_CHUNK_BYTES`` in MiB (not imported: the CLI starts without torch).
+DEFAULT_CHUNK_MB = 64
+
+
 def compute_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--device and --chunk-mb."""
     func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
-    func = click.option("--chunk-mb", default=256, show_default=True, type=click.IntRange(1), help="Memory budget of one module batch.")(func)
+    func = click.option("--chunk-mb", default=DEFAULT_CHUNK_MB, show_default=True, type=click.IntRange(1),
+                        help="Memory budget of one module batch (stored dtype; widened to float32 on the device).")(func)
     return func
 
 
