@@ -185,7 +185,8 @@ class _HoldoutErrors:
         self.chunk, self.last = chunk, prefix[-1]
         self.held_out = list(range(prefix[-1] + 1, chunk.num_steps))
         self._truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._trajectory: torch.Tensor | None = None
+        #: ``(N, K, K)`` float64 ``<dW_i, dW_j>`` over every step of the chunk, when computed
+        self.trajectory_gram: torch.Tensor | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -197,7 +198,7 @@ class _HoldoutErrors:
         for j, t in enumerate(self.held_out):
             update = predictor.predict_update(observed, float(self.chunk.steps[t]))
             combination = update.step_combination()
-            if combination is not None:
+            if combination is not None and self.trajectory_gram is not None:
                 out[j] = self._quadratic(combination, t).sum().cpu()
             else:
                 true_left, true_right = self._true_delta(t)
@@ -212,14 +213,24 @@ class _HoldoutErrors:
         return self._truth[t]
 
     def _quadratic(self, combination: tuple[tuple[int, ...], torch.Tensor], t: int) -> torch.Tensor:
-        if self._trajectory is None:
-            self._trajectory = window_grams(self.chunk).trajectory(self.chunk.scaling, self.chunk.b.shape[-1])
+        gram = self.trajectory_gram
+        assert gram is not None
         steps, weights = combination
-        coef = torch.zeros(weights.shape[0], self.chunk.num_steps, dtype=torch.float64, device=self._trajectory.device)
+        coef = torch.zeros(weights.shape[0], self.chunk.num_steps, dtype=torch.float64, device=gram.device)
         coef[:, list(steps)] = weights.to(coef)
         coef[:, t] -= 1
         coef[:, self.last] += 1
-        return torch.einsum("ni,nij,nj->n", coef, self._trajectory, coef).clamp_min(0)
+        return torch.einsum("ni,nij,nj->n", coef, gram, coef).clamp_min(0)
+
+
+#: Memoised float64 window Grams are kept up to the chunk budget, and at least this much.
+_MEMO_MIN_BYTES = 256 * 2**20
+
+
+def _memo_bytes(chunk: FactorChunk) -> int:
+    """Bytes of the float64 window Grams over every step of ``chunk`` (both sides)."""
+    width = chunk.num_steps * chunk.b.shape[-1]
+    return 2 * len(chunk.names) * width * width * 8
 
 
 def _observe(predictors: dict[str, Predictor], name: str, chunk: FactorChunk, failures: dict[str, str]) -> bool:
@@ -255,8 +266,9 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
     for _plan, chunk in _chunks(trajectory, settings, "backtest"):
         holdout_errors = _HoldoutErrors(chunk, prefix)
         base += holdout_errors.base
-        if any(p.fits_per_chunk for p in predictors.values()):  # one Gram computation serves every
-            memoise_window_grams(chunk, torch.float64)  # window and the scores (quadratic forms: float64)
+        if any(p.fits_per_chunk for p in predictors.values()) and _memo_bytes(chunk) <= max(settings.chunk_bytes, _MEMO_MIN_BYTES):
+            # one Gram computation serves every window and the scores (quadratic forms: float64)
+            holdout_errors.trajectory_gram = memoise_window_grams(chunk, torch.float64).trajectory(chunk.scaling, chunk.b.shape[-1])
         observed = chunk.select_steps(prefix)
         for name in list(predictors):
             if not _observe(predictors, name, observed, failures):

@@ -312,6 +312,12 @@ def test_backtest_scores_from_the_trajectory_gram_match_the_factored_difference(
     settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, chunk_bytes=1)
     methods = ["linear@3", "power@5", "linear", "poly"]
     fast = pipeline.backtest(trajectory, methods, settings)
+    memoised = []
+    monkeypatch.setattr(pipeline, "memoise_window_grams", lambda *args: memoised.append(1) or pytest.fail("over budget"))
+    monkeypatch.setattr(pipeline, "_MEMO_MIN_BYTES", 0)  # Grams over the chunk budget: not memoised
+    over_budget = pipeline.backtest(trajectory, methods, settings)
+    assert not memoised and over_budget.errors == pytest.approx(fast.errors, rel=1e-5, abs=1e-3)
+    monkeypatch.undo()
     monkeypatch.setattr(WindowUpdate, "step_combination", lambda self: None)
     generic = pipeline.backtest(trajectory, methods, settings)
     assert fast.errors.keys() == generic.errors.keys() == set(methods)
