@@ -349,3 +349,26 @@ def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
         assert shared == (steps == (1, 2, 3))  # a contiguous run is a view of the memo, others are computed
         assert torch.allclose(ours.b.double(), expected.b.double(), rtol=1e-5, atol=1e-5)
         assert torch.allclose(ours.a.double(), expected.a.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_next_announces_long_training(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A user waiting on the reference 1000 epochs is told how long, after the first epoch."""
+    import logging
+
+    import nextoffline.ops.predictors.next as next_module
+    from nextoffline.ops.chunk import FactorChunk
+
+    gen = torch.Generator().manual_seed(8)
+    k, n_mod, m, n, r = 5, 2, 12, 10, 2
+    chunk = FactorChunk(["p", "q"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen).cumsum(0),
+                        torch.randn(k, n_mod, r, n, generator=gen).cumsum(0), torch.full((n_mod,), 2.0))
+    for threshold, announced in ((1e9, False), (0.0, True)):
+        monkeypatch.setattr(next_module, "LONG_TRAINING_S", threshold)
+        caplog.clear()
+        predictor = next_module.NextPredictor(horizon=1, epochs=3)
+        predictor.observe(chunk)
+        with caplog.at_level(logging.WARNING, logger="nextoffline.ops.predictors.next"):
+            predictor.fit()
+        warnings = [rec.getMessage() for rec in caplog.records if "lower --next-epochs" in rec.getMessage()]
+        assert len(warnings) == (len(predictor.training_loss) if announced else 0), warnings  # one per network
+        assert all("3 epochs" in w for w in warnings)

@@ -22,6 +22,7 @@ flips would otherwise enter the training data), and training is seeded (determin
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ LOG = logging.getLogger(__name__)
 
 #: Bytes of one ``d``-wide activation per forward slice during training (bounds peak memory).
 ACTIVATION_BYTES = 16 * 2**20
+#: A network whose projected training time reaches this many seconds is announced (warning).
+LONG_TRAINING_S = 300.0
 
 
 class _Branch(nn.Sequential):
@@ -167,7 +170,8 @@ class NextPredictor(Predictor):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.epochs, 1), eta_min=0.1 * self.lr)
         rows = max(1, ACTIVATION_BYTES // (4 * dim))
         loss = torch.tensor(float("nan"))
-        for _epoch in range(self.epochs):
+        started = time.perf_counter()
+        for epoch in range(self.epochs):
             optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=self.device)
             for start in range(0, y.shape[0], rows):
@@ -178,9 +182,23 @@ class NextPredictor(Predictor):
                 loss += piece.detach()
             optimizer.step()
             schedule.step()
+            if epoch == 0:
+                self._warn_if_long(label, dim, started)
         self.training_loss[label] = float(loss)
         LOG.debug("next %s: %d rows x %d steps, final %s loss %.3e", label, rows_per_step, steps, self.loss, self.training_loss[label])
         return net.eval()
+
+    def _warn_if_long(self, label: str, dim: int, started: float) -> None:
+        """Say so, early, when one network's training will take long (the reference 1000 epochs
+        of the widest 7B-shaped network take over an hour on a 2-core CPU)."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        first_epoch_s = time.perf_counter() - started
+        projected = first_epoch_s * self.epochs
+        if projected >= LONG_TRAINING_S:
+            LOG.warning("next: training the %s network (d = %d) takes ~%.0f min on %s (%d epochs at %.2f s each); "
+                        "lower --next-epochs or pick another --method to finish sooner",
+                        label, dim, projected / 60, self.device, self.epochs, first_epoch_s)
 
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
         predicted = self._predicted[chunk_key(chunk)]
