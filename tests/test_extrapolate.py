@@ -338,7 +338,9 @@ def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
     k, n_mod, m, n, r = 6, 2, 20, 12, 3
     chunk = FactorChunk(["x", "y"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen),
                         torch.randn(k, n_mod, r, n, generator=gen), torch.tensor([2.0, 0.5]))
-    direct = {steps: window_grams(chunk.select_steps(list(steps))) for steps in [(1, 2, 3), (0, 2, 5)]}
+    alone = FactorChunk(chunk.names, chunk.steps, chunk.b, chunk.a, chunk.scaling)  # its own (empty) memo
+    direct = {steps: window_grams(alone.select_steps(list(steps))) for steps in [(1, 2, 3), (0, 2, 5)]}
+    assert window_grams(alone.select_steps([1, 2, 3])) is direct[(1, 2, 3)]  # memoised per window
     memoised = memoise_window_grams(chunk, torch.float64)
     assert memoised.b.dtype == torch.float64 and memoise_window_grams(chunk) is memoised
     prefix = chunk.select_steps([0, 1, 2, 3, 4])

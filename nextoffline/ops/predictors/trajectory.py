@@ -53,16 +53,21 @@ class WindowGrams:
 def window_grams(chunk: FactorChunk) -> WindowGrams:
     """Gram matrices of the stacked factors of every module of ``chunk`` (all its steps).
 
-    When the Grams of the chunk it was selected from are memoised (:func:`memoise_window_grams`)
-    and its steps are a contiguous run of that chunk's, they are a slice of those (no GEMM).
+    Memoised per window on the chunk as read (observing and predicting the same window share
+    one computation). When the Grams over all its steps are memoised
+    (:func:`memoise_window_grams`) and the window is a contiguous run of them, they are a slice
+    of those (no GEMM).
     """
-    full = chunk.memo.get(_GRAMS_MEMO)
-    at = contiguous_index(list(chunk.step_origin))
-    if full is not None and isinstance(at, slice):
-        r = chunk.b.shape[-1]
-        rows = slice(at.start * r, at.stop * r)
-        return WindowGrams(b=full.b[..., rows, rows], a=full.a[..., rows, rows])
-    return _stacked_grams(chunk)
+    key = (_WINDOW_MEMO, chunk.step_origin)
+    if key not in chunk.memo:
+        full = chunk.memo.get(_GRAMS_MEMO)
+        at = contiguous_index(list(chunk.step_origin))
+        if full is not None and isinstance(at, slice):
+            rows = slice(at.start * chunk.b.shape[-1], at.stop * chunk.b.shape[-1])
+            chunk.memo[key] = WindowGrams(b=full.b[..., rows, rows], a=full.a[..., rows, rows])
+        else:
+            chunk.memo[key] = _stacked_grams(chunk)
+    return chunk.memo[key]
 
 
 def memoise_window_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
@@ -80,6 +85,7 @@ def memoise_window_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -
 
 
 _GRAMS_MEMO = "window_grams"
+_WINDOW_MEMO = "window_grams_of"
 
 
 def _stacked_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
@@ -212,7 +218,6 @@ class TrajectoryRank1Predictor(Predictor):
         self.window = window
         self.name = regressor if window is None else f"{regressor}@{window}"
         self._fits: dict[tuple[str, ...], tuple[TrajectoryRank1, Regressor, float]] = {}
-        self._grams: tuple[tuple, WindowGrams] | None = None  # the last observed window only
 
     def window_steps(self, num_steps: int) -> list[int]:
         size = num_steps if self.window is None else min(self.window, num_steps)
@@ -226,15 +231,13 @@ class TrajectoryRank1Predictor(Predictor):
         regressor = make_regressor(self.regressor_name).fit(steps, rank1.coefficients)
         last_step = float(window.steps[-1])
         self._fits[chunk_key(chunk)] = (rank1, regressor, last_step)
-        self._grams = (_window_key(window), grams)  # reused by predict_update on the same window
 
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
         rank1, regressor, last_step = self._fits[chunk_key(chunk)]
         window = chunk.select_steps(self.window_steps(chunk.num_steps))
         gain = regressor.predict(torch.tensor(target_step)) - regressor.predict(torch.tensor(last_step))
         alphas = (gain.unsqueeze(-1) * rank1.weights).to(window.b)  # (N, W)
-        grams = self._grams[1] if self._grams is not None and self._grams[0] == _window_key(window) else None
-        return WindowUpdate(window, alphas, grams)
+        return WindowUpdate(window, alphas, window_grams(window))  # memoised when observe saw this chunk
 
     def explained(self, chunk: FactorChunk) -> torch.Tensor:
         """Fraction of the window energy along the fitted direction, per module."""
@@ -252,6 +255,3 @@ def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
         return True
     return bool(torch.equal(x, y))
 
-
-def _window_key(window: FactorChunk) -> tuple:
-    return chunk_key(window), tuple(window.steps.tolist())
