@@ -181,12 +181,12 @@ class _HoldoutErrors:
     stacked difference.
     """
 
-    def __init__(self, chunk: FactorChunk, prefix: list[int]) -> None:
+    def __init__(self, chunk: FactorChunk, prefix: list[int], trajectory_gram: torch.Tensor | None = None) -> None:
         self.chunk, self.last = chunk, prefix[-1]
         self.held_out = list(range(prefix[-1] + 1, chunk.num_steps))
         self._truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         #: ``(N, K, K)`` float64 ``<dW_i, dW_j>`` over every step of the chunk, when computed
-        self.trajectory_gram: torch.Tensor | None = None
+        self.trajectory_gram = trajectory_gram
 
     @property
     def base(self) -> torch.Tensor:
@@ -264,11 +264,12 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
     base = torch.zeros(holdout, dtype=torch.float64)
     # pass 1: every predictor observes the prefix; per-chunk predictors are scored right away
     for _plan, chunk in _chunks(trajectory, settings, "backtest"):
-        holdout_errors = _HoldoutErrors(chunk, prefix)
-        base += holdout_errors.base
+        gram = None
         if any(p.fits_per_chunk for p in predictors.values()) and _memo_bytes(chunk) <= max(settings.chunk_bytes, _MEMO_MIN_BYTES):
             # one Gram computation serves every window and the scores (quadratic forms: float64)
-            holdout_errors.trajectory_gram = memoise_window_grams(chunk, torch.float64).trajectory(chunk.scaling, chunk.b.shape[-1])
+            gram = memoise_window_grams(chunk, torch.float64).trajectory(chunk.scaling, chunk.b.shape[-1])
+        holdout_errors = _HoldoutErrors(chunk, prefix, gram)
+        base += holdout_errors.base
         observed = chunk.select_steps(prefix)
         for name in list(predictors):
             if not _observe(predictors, name, observed, failures):
