@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-
+import common
 
 # ------------------------------------------------------------------------------------ children
 
@@ -196,7 +194,7 @@ def child_dense(args) -> dict:
         w0 = s * b0 @ a0
         delta = w1 - w0
         _sync(device)
-        t3 = time.perf_counter()
+        time.perf_counter()
         ul, svl, vhl = torch.linalg.svd(delta, full_matrices=False)
         _sync(device)
         t4 = time.perf_counter()
@@ -234,8 +232,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (reads are always CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="read/decompose repetitions, best kept (default 2 quick, 3 full)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="loader chunk budget (default: the library default)")
-    parser.add_argument("--dense-shapes", choices=["small", "all"], default="small",
-                        help="small: time the dense SVD on k/v (quick) or k/v and q/o (full) shapes and model the rest; all: time every shape")
+    parser.add_argument(
+        "--dense-shapes",
+        choices=["small", "all"],
+        default="small",
+        help="small: time the dense SVD on k/v (quick) or k/v and q/o (full) shapes and model the rest; all: time every shape",
+    )
     parser.add_argument("--no-targets", action="store_true", help="skip the extra NExt target-delta timing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the measured processes (default: torch's default)")
     parser.add_argument("--json", type=Path, help="also write all numbers here")
@@ -351,15 +353,24 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
     gib = read_bytes / 2**30
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, torch {machine['torch']} "
-          f"({machine['threads']} threads), cuda: {machine['cuda']}, load avg {machine['load_1min']}")
-    print(f"trajectory: {params.layers} layers, {len(trajectory.modules)} modules, {k} checkpoints, r={params.rank}, bf16, "
-          f"{gib:.2f} GiB of factors ({root})")
-    print(f"device: {args.device}; best of {repeat} (read, decompose), {len(streams)} (streamed); chunk budget {args.chunk_bytes / 2**20:.0f} MiB")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, torch {machine['torch']} "
+        f"({machine['threads']} threads), cuda: {machine['cuda']}, load avg {machine['load_1min']}"
+    )
+    print(
+        f"trajectory: {params.layers} layers, {len(trajectory.modules)} modules, {k} checkpoints, r={params.rank}, bf16, "
+        f"{gib:.2f} GiB of factors ({root})"
+    )
+    print(
+        f"device: {args.device}; best of {repeat} (read, decompose), {len(streams)} (streamed); chunk budget {args.chunk_bytes / 2**20:.0f} MiB"
+    )
     rows = [
         ("read all factor bytes (page cache, loader's reader)", read_s, f"{read_bytes / read_s / 1e9:.2f} GB/s"),
-        ("copy the staged bytes to the device" + (" (host-to-device)" if on_gpu else " (memcpy)"), copy_s,
-         f"{read_bytes / copy_s / 1e9:.2f} GB/s"),
+        (
+            "copy the staged bytes to the device" + (" (host-to-device)" if on_gpu else " (memcpy)"),
+            copy_s,
+            f"{read_bytes / copy_s / 1e9:.2f} GB/s",
+        ),
         ("decompose: widen + check" + (" (incl. host-to-device)" if on_gpu else ""), best_ours["convert_s"], ""),
         ("decompose: global+local triplets", best_ours["global_local_s"], f"{best_ours['triplets']} triplets"),
         ("decompose compute total (global+local)", compute_gl, f"{compute_gl / read_s:.2f} x read"),
@@ -372,11 +383,17 @@ def main() -> None:
     print(f"| {'phase'.ljust(width)} | {'seconds':>10} | note")
     for name, value, note in rows:
         print(f"| {name.ljust(width)} | {value:10.2f} | {note}")
-    print(f"| {'peak RSS, streamed decomposition'.ljust(width)} | {peak_rss:8.2f} GB | after imports {streams[0]['rss_after_import_gb']:.2f} GB; "
-          f"triplets kept {streams[0]['kept_gb']:.2f} GB")
-    print(f"| {'accuracy vs dense SVD (sampled modules)'.ljust(width)} | sigma rel err {dense['sigma_rel_err']:.1e}, min |cos| {dense['min_abs_cos']:.7f}")
-    print(f"| {'decomposition rate / copy-to-device rate'.ljust(width)} | {ratio_copy:10.2f} | "
-          f"target >= 0.5 on GPU{'' if on_gpu else ' (not applicable on CPU)'}")
+    print(
+        f"| {'peak RSS, streamed decomposition'.ljust(width)} | {peak_rss:8.2f} GB | after imports {streams[0]['rss_after_import_gb']:.2f} GB; "
+        f"triplets kept {streams[0]['kept_gb']:.2f} GB"
+    )
+    print(
+        f"| {'accuracy vs dense SVD (sampled modules)'.ljust(width)} | sigma rel err {dense['sigma_rel_err']:.1e}, min |cos| {dense['min_abs_cos']:.7f}"
+    )
+    print(
+        f"| {'decomposition rate / copy-to-device rate'.ljust(width)} | {ratio_copy:10.2f} | "
+        f"target >= 0.5 on GPU{'' if on_gpu else ' (not applicable on CPU)'}"
+    )
     for note in notes:
         print(f"  dense {note}")
     print(f"(benchmark wall time {time.perf_counter() - run_start:.1f} s)")

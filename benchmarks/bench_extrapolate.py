@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 PHASES = ("load", "read", "decompose", "fit", "predict+refactor", "write")
 
@@ -113,9 +113,17 @@ def child_run(args) -> dict:
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     cand = result.candidates[0]
-    return {"method": args.method, "wall_s": wall, "phases": dict(acc), "peak_rss_gb": common.peak_rss_gb(),
-            "rss_after_import_gb": rss_import, "written_bytes": written, "kept_energy_mean": cand.kept_energy_mean,
-            "relative_update": cand.relative_update, "settings": result.predictor_settings}
+    return {
+        "method": args.method,
+        "wall_s": wall,
+        "phases": dict(acc),
+        "peak_rss_gb": common.peak_rss_gb(),
+        "rss_after_import_gb": rss_import,
+        "written_bytes": written,
+        "kept_energy_mean": cand.kept_energy_mean,
+        "relative_update": cand.relative_update,
+        "settings": result.predictor_settings,
+    }
 
 
 def main() -> None:
@@ -147,18 +155,33 @@ def main() -> None:
     results = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         common.warm_page_cache(files)
-        child = ["--child", "--method", method, "--root", str(root), "--out", str(common.bench_root()),
-                 "--device", args.device, "--next-epochs", str(args.next_epochs)]
+        child = [
+            "--child",
+            "--method",
+            method,
+            "--root",
+            str(root),
+            "--out",
+            str(common.bench_root()),
+            "--device",
+            args.device,
+            "--next-epochs",
+            str(args.next_epochs),
+        ]
         child += ["--threads", str(args.threads)] if args.threads else []
         results.append(common.run_child(script, child))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "params": params.__dict__, "results": results}, indent=2) + "\n")
 
     gib = sum(f.stat().st_size for f in files) / 2**30
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, torch {machine['torch']} "
-          f"({machine['threads']} threads), cuda: {machine['cuda']}, load avg {machine['load_1min']}")
-    print(f"trajectory: {params.layers} layers, {params.layers * 7} modules, {params.checkpoints} checkpoints, r={params.rank}, "
-          f"bf16, {gib:.2f} GiB ({root}); extrapolate --coef 1 on {args.device}")
+    print(
+        f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, torch {machine['torch']} "
+        f"({machine['threads']} threads), cuda: {machine['cuda']}, load avg {machine['load_1min']}"
+    )
+    print(
+        f"trajectory: {params.layers} layers, {params.layers * 7} modules, {params.checkpoints} checkpoints, r={params.rank}, "
+        f"bf16, {gib:.2f} GiB ({root}); extrapolate --coef 1 on {args.device}"
+    )
     header = "| method | " + " | ".join(PHASES) + " | total s | peak RSS GB |"
     print(header)
     print("|" + "---|" * (len(PHASES) + 3))
@@ -170,11 +193,15 @@ def main() -> None:
         if res["method"] == "next":
             fit = res["phases"].get("fit", 0.0)
             projected = res["wall_s"] - fit + fit / args.next_epochs * 1000
-            print(f"next: fit {fit / args.next_epochs:.3f} s/epoch -> reference 1000 epochs: fit ~{fit / args.next_epochs * 1000:.0f} s, "
-                  f"total ~{projected:.0f} s (projected)")
+            print(
+                f"next: fit {fit / args.next_epochs:.3f} s/epoch -> reference 1000 epochs: fit ~{fit / args.next_epochs * 1000:.0f} s, "
+                f"total ~{projected:.0f} s (projected)"
+            )
     for res in results:
-        print(f"{res['method']}: kept energy {res['kept_energy_mean']:.4f}, relative update {res['relative_update']:.3g}, "
-              f"wrote {res['written_bytes'] / 2**20:.0f} MiB, RSS after imports {res['rss_after_import_gb']:.2f} GB")
+        print(
+            f"{res['method']}: kept energy {res['kept_energy_mean']:.4f}, relative update {res['relative_update']:.3g}, "
+            f"wrote {res['written_bytes'] / 2**20:.0f} MiB, RSS after imports {res['rss_after_import_gb']:.2f} GB"
+        )
     line = " ".join(f"{r['method']}_s={r['wall_s']:.1f} {r['method']}_peak_rss_gb={r['peak_rss_gb']:.2f}" for r in results)
     print(line)
 

@@ -43,7 +43,7 @@ class TrajectoryParams:
     seed: int = 0
 
     @classmethod
-    def preset(cls, quick: bool) -> "TrajectoryParams":
+    def preset(cls, quick: bool) -> TrajectoryParams:
         return cls(layers=4, checkpoints=8) if quick else cls()
 
     @property
@@ -188,8 +188,16 @@ def machine_description() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cuda": cuda, "load_1min": round(load, 2), "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cuda": cuda,
+        "load_1min": round(load, 2),
+        "python": platform.python_version(),
+    }
 
 
 def best(values: list[float]) -> float:

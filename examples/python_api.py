@@ -43,8 +43,10 @@ def main(workdir: Path) -> None:
 
     # 2. inspect: rank-1 dominance of the updates
     info = inspect_trajectory(trajectory, settings)
-    print(f"{info['num_modules']} LoRA modules, r={info['rank']}; "
-          f"{100 * info['trajectory_explained_variance']:.1f}% of the update energy lies on one direction per module")
+    print(
+        f"{info['num_modules']} LoRA modules, r={info['rank']}; "
+        f"{100 * info['trajectory_explained_variance']:.1f}% of the update energy lies on one direction per module"
+    )
 
     # 3. backtest: fit on steps 10..60, predict 70 and 80 (1.0 = no better than stopping at step 60).
     #    Add "next" to try NExt too: it trains small MLPs, which takes a minute or more on a CPU.
@@ -61,8 +63,10 @@ def main(workdir: Path) -> None:
         return
     extrapolation = extrapolate(trajectory, settings, method=best, coefs=[0.0], to_steps=[TARGET])
     for candidate in extrapolation.candidates:
-        print(f"  candidate step {candidate.target_step:g} (coefficient {candidate.coef:.3g}): "
-              f"update {candidate.relative_update:.3f} of |dW_last|, {100 * candidate.kept_energy_mean:.1f}% kept at rank r")
+        print(
+            f"  candidate step {candidate.target_step:g} (coefficient {candidate.coef:.3g}): "
+            f"update {candidate.relative_update:.3f} of |dW_last|, {100 * candidate.kept_energy_mean:.1f}% kept at rank r"
+        )
 
     # 5. save: keep only the step-120 candidate (index 1) as a PEFT adapter folder, atomically
     out, _resume = save_extrapolation(workdir / "extrapolated", trajectory, extrapolation, command="examples/python_api.py", keep=[1])

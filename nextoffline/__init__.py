@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_trajectory", "inspect_trajectory", "backtest", "extrapolate", "save_extrapolation", "RunSettings"]
+__all__ = ["RunSettings", "__version__", "backtest", "extrapolate", "inspect_trajectory", "load_trajectory", "save_extrapolation"]
 
 
 def __getattr__(name: str):  # lazy: importing the package stays cheap for the CLI's --help

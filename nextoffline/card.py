@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["build_manifest", "model_card"]
 
@@ -63,5 +64,11 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         lines.append(f"- note: {extra['note']}")
     if manifest.get("candidates"):
         lines.append("- candidates scored: " + ", ".join(f"coef {_fmt(c['coef'])}: {_fmt(c.get('score'))}" for c in manifest["candidates"]))
-    lines += ["", "Nothing guarantees that extrapolation helps: evaluate this adapter before relying on it.", "", f"Command: `{manifest['command']}`", ""]
+    lines += [
+        "",
+        "Nothing guarantees that extrapolation helps: evaluate this adapter before relying on it.",
+        "",
+        f"Command: `{manifest['command']}`",
+        "",
+    ]
     return "\n".join(lines)

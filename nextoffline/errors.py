@@ -8,19 +8,19 @@ traceback. Messages say what was found, where (file or key), and how to fix it.
 from __future__ import annotations
 
 __all__ = [
-    "NextOfflineError",
-    "SourceNotFoundError",
-    "FormatDetectionError",
     "AdapterConfigError",
     "AdapterFileError",
-    "UnsupportedAdapterError",
+    "EvaluationError",
+    "FormatDetectionError",
+    "HubError",
     "IncompatibleCheckpointsError",
+    "NextOfflineError",
     "NotEnoughCheckpointsError",
     "NumericalError",
     "OutputError",
+    "SourceNotFoundError",
+    "UnsupportedAdapterError",
     "UsageError",
-    "HubError",
-    "EvaluationError",
 ]
 
 

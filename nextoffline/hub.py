@@ -32,9 +32,9 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import httpx2
@@ -54,7 +54,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 
 from nextoffline.errors import HubError, SourceNotFoundError
 
-__all__ = ["HubSource", "is_hub_source", "parse_hub_source", "materialize_source", "push_folder"]
+__all__ = ["HubSource", "is_hub_source", "materialize_source", "parse_hub_source", "push_folder"]
 
 LOG = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ _STEP_FOLDER = re.compile(r"(?:checkpoint-|global_step_?|step[_-]|iter_)\d+(?:_h
 #: Files holding a step's LoRA weights: PEFT adapters, verl FSDP model shards.
 _WEIGHT_FILE = re.compile(r"adapter_model\.(?:safetensors|bin)|model_world_size_\d+_rank_\d+\.pt")
 
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-                  "model_world_size_*_rank_*.pt", "*.json")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "model_world_size_*_rank_*.pt", "*.json")
 #: Optimizer / scheduler / FSDP / DeepSpeed shards, RNG states, trainer args, ``latest`` trackers, HF configs
 #: (``trainer_state.json`` is among the JSON files above).
 _TRAINER_STATE_FILES = ("*.pt", "rng_state*.pth", "training_args.bin", "latest*", "huggingface/*")
@@ -143,8 +142,7 @@ def parse_hub_source(spec: str) -> HubSource:
     return HubSource(repo_id=uri.id, revision=uri.revision, subfolder=uri.path_in_repo.strip("/") or None)
 
 
-def materialize_source(spec: str, *, token: str | None = None, include_trainer_state: bool = False,
-                       progress: bool = True) -> Path:
+def materialize_source(spec: str, *, token: str | None = None, include_trainer_state: bool = False, progress: bool = True) -> Path:
     """Make a Hub trajectory available as a local run folder and return its path.
 
     Args:
@@ -172,19 +170,32 @@ def materialize_source(spec: str, *, token: str | None = None, include_trainer_s
     with _hub_errors(str(source)):
         layout = _recorded_layout(source) if offline else _discover(HfApi(token=token), source)
         patterns = _allow_patterns(layout.folder, include_trainer_state)
-        targets = {name: _download(source, name, commit, layout.folder, patterns, token=token, offline=offline,
-                                   progress=progress)
-                   for name, commit in layout.commits.items()}
+        targets = {
+            name: _download(source, name, commit, layout.folder, patterns, token=token, offline=offline, progress=progress)
+            for name, commit in layout.commits.items()
+        }
     if not offline:
         _write_json(_record_path(source), asdict(layout))
     run = _assemble(source, layout, targets)
-    LOG.info("%s: %d revision(s) %s, available at %s", source, len(targets),
-             "as step branches" if layout.on_branches else f"with step folders under '{layout.folder or '/'}'", run)
+    LOG.info(
+        "%s: %d revision(s) %s, available at %s",
+        source,
+        len(targets),
+        "as step branches" if layout.on_branches else f"with step folders under '{layout.folder or '/'}'",
+        run,
+    )
     return run
 
 
-def push_folder(folder: Path, *, repo_id: str, branch: str | None = None, private: bool = False,
-                token: str | None = None, commit_message: str | None = None) -> str:
+def push_folder(
+    folder: Path,
+    *,
+    repo_id: str,
+    branch: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload ``folder`` to a Hub model repo in one commit.
 
     The repo is created when missing (``private`` applies only then), and so is ``branch``
@@ -214,8 +225,9 @@ def push_folder(folder: Path, *, repo_id: str, branch: str | None = None, privat
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch,
-                                   commit_message=commit_message or f"Upload {folder.name} with nextoffline")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=folder, revision=branch, commit_message=commit_message or f"Upload {folder.name} with nextoffline"
+        )
     LOG.info("pushed %s to %s (commit %s)", folder, target, commit.oid)
     return f"{api.endpoint}/{repo_id}/tree/{quote(branch or DEFAULT_REVISION, safe='')}"
 
@@ -252,8 +264,10 @@ def _steps_parent(files: list[str], source: HubSource) -> str:
             parents.add("/".join(parts[:step_index]))
     if not parents:
         branches = "no step branches (step_N, checkpoint-N, ...) and " if source.revision is None else ""
-        raise HubError(f"{source}: {branches}no step-named folders holding adapter weights; point at the folder "
-                       f"holding checkpoint-N/ folders with {SOURCE_SYNTAX}")
+        raise HubError(
+            f"{source}: {branches}no step-named folders holding adapter weights; point at the folder "
+            f"holding checkpoint-N/ folders with {SOURCE_SYNTAX}"
+        )
     if len(parents) > 1:
         listed = ", ".join(sorted(p or "/" for p in parents))
         raise HubError(f"{source}: step folders sit under several folders ({listed}); pick one with {SOURCE_SYNTAX}")
@@ -267,16 +281,25 @@ def _allow_patterns(folder: str, include_trainer_state: bool) -> list[str]:
     return [f"{prefix}{anywhere}{name}" for name in names for anywhere in ("", "*/")]
 
 
-def _download(source: HubSource, name: str, commit: str, folder: str, patterns: list[str], *, token: str | None,
-              offline: bool, progress: bool) -> Path:
+def _download(
+    source: HubSource, name: str, commit: str, folder: str, patterns: list[str], *, token: str | None, offline: bool, progress: bool
+) -> Path:
     """Fetch one revision's files into the HF cache; the folder holding its steps (or its adapter)."""
-    snapshot = snapshot_download(source.repo_id, revision=commit, allow_patterns=patterns, token=token,
-                                 local_files_only=offline, tqdm_class=None if progress else _SilentTqdm)
+    snapshot = snapshot_download(
+        source.repo_id,
+        revision=commit,
+        allow_patterns=patterns,
+        token=token,
+        local_files_only=offline,
+        tqdm_class=None if progress else _SilentTqdm,
+    )
     target = Path(snapshot, folder)
     if not target.is_dir() or not any(_WEIGHT_FILE.fullmatch(p.name) for p in target.rglob("*")):
         where = f" under '{folder}'" if folder else ""
-        raise HubError(f"{source}: revision '{name}' ({commit[:8]}) holds no adapter weights{where}; "
-                       "remove or rename that branch, or point at the right folder")
+        raise HubError(
+            f"{source}: revision '{name}' ({commit[:8]}) holds no adapter weights{where}; "
+            "remove or rename that branch, or point at the right folder"
+        )
     return target
 
 
@@ -300,8 +323,9 @@ def _record_path(source: HubSource) -> Path:
 def _recorded_layout(source: HubSource) -> _Layout:
     path = _record_path(source)
     if not path.is_file():
-        raise HubError(f"{source}: not in the local cache and HF_HUB_OFFLINE is set; run once online to fill the "
-                       "cache, or unset HF_HUB_OFFLINE")
+        raise HubError(
+            f"{source}: not in the local cache and HF_HUB_OFFLINE is set; run once online to fill the cache, or unset HF_HUB_OFFLINE"
+        )
     return _Layout(**json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -361,15 +385,13 @@ def _advice(error: Exception) -> str | None:
     if isinstance(error, GatedRepoError):
         return "the repo is gated: accept its conditions on the Hub with your account, then pass --token or set HF_TOKEN"
     if isinstance(error, RepositoryNotFoundError):
-        return ("repository not found, or private and not readable with your token: check the name, "
-                "or pass --token or set HF_TOKEN")
+        return "repository not found, or private and not readable with your token: check the name, or pass --token or set HF_TOKEN"
     if isinstance(error, RevisionNotFoundError):
         return "revision not found: check the branch name or commit id"
     if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         if isinstance(error.__cause__, httpx2.TransportError):
             return _unreachable(error.__cause__)
-        return ("not (fully) in the local cache and HF_HUB_OFFLINE is set; run once online to fill the cache, "
-                "or unset HF_HUB_OFFLINE")
+        return "not (fully) in the local cache and HF_HUB_OFFLINE is set; run once online to fill the cache, or unset HF_HUB_OFFLINE"
     if isinstance(error, EntryNotFoundError):
         return "no such file or folder in the repo: check the subfolder"
     if isinstance(error, HfHubHTTPError):
@@ -392,8 +414,10 @@ def _http_advice(error: HfHubHTTPError) -> str:
 
 
 def _unreachable(error: Exception) -> str:
-    return (f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}); check HF_ENDPOINT and the "
-            "network, or set HF_HUB_OFFLINE=1 to use the local cache")
+    return (
+        f"cannot reach the Hub at {constants.ENDPOINT} ({type(error).__name__}); check HF_ENDPOINT and the "
+        "network, or set HF_HUB_OFFLINE=1 to use the local cache"
+    )
 
 
 def _first_line(text: str) -> str:

@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -37,16 +37,16 @@ from nextoffline.ops.device import COMPUTE_DTYPE, to_compute
 from nextoffline.types import LoraModule, Trajectory
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "BufferPool",
     "ChunkPlan",
     "RawChunk",
-    "plan_chunks",
+    "iter_chunks",
     "open_readers",
+    "plan_chunks",
+    "read_chunk",
     "read_raw",
     "to_chunk",
-    "read_chunk",
-    "iter_chunks",
-    "BufferPool",
-    "DEFAULT_CHUNK_BYTES",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def read_raw(
     *,
     step_index: Sequence[int] | None = None,
     pin_memory: bool = False,
-    buffers: "BufferPool | None" = None,
+    buffers: BufferPool | None = None,
     slot: int = 0,
 ) -> RawChunk:
     """Copy the stored factors of ``plan`` at the given steps (default all) into staging tensors.
@@ -225,7 +225,9 @@ def read_raw(
                     else:
                         value = reader.get(key)
                         if tuple(value.shape) != tuple(target.shape):
-                            raise AdapterFileError(f"{reader.path}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                            raise AdapterFileError(
+                                f"{reader.path}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}"
+                            )
                         target.copy_(value)
         finally:
             if fd >= 0:
@@ -252,9 +254,14 @@ def _check_values(raw: RawChunk, trajectory: Trajectory, b: torch.Tensor, a: tor
         _raise_at(raw, trajectory, kind, ~torch.isfinite(top), "holds NaN or Inf; use an earlier checkpoint or drop this step")
     for kind, top in tops.items():
         weight = scaling if kind == "b" else torch.ones_like(scaling)
-        _raise_at(raw, trajectory, kind, top * weight > MAX_FACTOR,
-                  "holds values far beyond the range of the other LoRA factors (too large for float32 arithmetic); "
-                  "the file is probably corrupted: re-save it or drop this step")
+        _raise_at(
+            raw,
+            trajectory,
+            kind,
+            top * weight > MAX_FACTOR,
+            "holds values far beyond the range of the other LoRA factors (too large for float32 arithmetic); "
+            "the file is probably corrupted: re-save it or drop this step",
+        )
 
 
 def _max_abs(tensor: torch.Tensor) -> torch.Tensor:
@@ -349,6 +356,7 @@ def iter_chunks(
                 yield plan, to_chunk(raw, trajectory, device, buffers=widened)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextoffline-read") as pool:
+
             def submit(j: int):
                 return pool.submit(read_raw, plans[j], trajectory, readers, step_index=index, pin_memory=pin, buffers=staging, slot=j % 2)
 

@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_
 from nextoffline.pipeline import Candidate, Extrapolation
 from nextoffline.types import ResumeInfo, Trajectory
 
-__all__ = ["save_extrapolation", "candidate_label", "source_record", "write_adapter_folder", "MANIFEST_NAME"]
+__all__ = ["MANIFEST_NAME", "candidate_label", "save_extrapolation", "source_record", "write_adapter_folder"]
 
 LOG = logging.getLogger(__name__)
 
@@ -108,7 +109,12 @@ def grown_config(config: Mapping[str, Any], trajectory: Trajectory, tensors: Map
     new = copy.deepcopy(dict(config))
     ranks = {m.name: int(tensors[m.a_key].shape[0]) for m in trajectory.modules}
     alphas = {m.name: m.scaling * (math.sqrt(ranks[m.name]) if config.get("use_rslora") else ranks[m.name]) for m in trajectory.modules}
-    if len(set(ranks.values())) == 1 and len(set(alphas.values())) == 1 and not config.get("rank_pattern") and not config.get("alpha_pattern"):
+    if (
+        len(set(ranks.values())) == 1
+        and len(set(alphas.values())) == 1
+        and not config.get("rank_pattern")
+        and not config.get("alpha_pattern")
+    ):
         new["r"], new["lora_alpha"] = next(iter(ranks.values())), next(iter(alphas.values()))
         return new
     new["rank_pattern"] = {_pattern(name): rank for name, rank in ranks.items()}
@@ -120,7 +126,9 @@ def _pattern(module: str) -> str:
     return "^" + module.removeprefix("base_model.model.").replace(".", r"\.")
 
 
-def write_adapter_folder(folder: Path, trajectory: Trajectory, extrapolation: Extrapolation, candidate: Candidate, manifest: dict[str, Any]) -> None:
+def write_adapter_folder(
+    folder: Path, trajectory: Trajectory, extrapolation: Extrapolation, candidate: Candidate, manifest: dict[str, Any]
+) -> None:
     """One PEFT adapter folder: config, weights, manifest, card."""
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(trajectory.adapter_config)
@@ -174,15 +182,23 @@ def save_extrapolation(
         for index in keep:
             candidate = extrapolation.candidates[index]
             folder = tmp if len(keep) == 1 else tmp / (labels[index] if labels else candidate_label(candidate))
-            manifest = build_manifest(version=__version__, command=command, source=source, extrapolation=extrapolation_record(extrapolation),
-                                      candidate=records[index], candidates=all_records)
+            manifest = build_manifest(
+                version=__version__,
+                command=command,
+                source=source,
+                extrapolation=extrapolation_record(extrapolation),
+                candidate=records[index],
+                candidates=all_records,
+            )
             write_adapter_folder(folder, trajectory, extrapolation, candidate, manifest)
         if resumable and len(keep) == 1:
             resume_info = finish_resumable(tmp, trajectory)
         for name, folder in (extra_dirs or {}).items():
             shutil.copytree(folder, tmp / name)
     if resume_info is not None:
-        resume_info = ResumeInfo(out_dir / resume_info.checkpoint_dir.relative_to(tmp), resume_info.command.replace(str(tmp), str(out_dir)), resume_info.notes)
+        resume_info = ResumeInfo(
+            out_dir / resume_info.checkpoint_dir.relative_to(tmp), resume_info.command.replace(str(tmp), str(out_dir)), resume_info.notes
+        )
     return out_dir, resume_info
 
 
@@ -194,6 +210,11 @@ def finish_resumable(tmp: Path, trajectory: Trajectory) -> ResumeInfo:
     info = fmt.write_resumable(trajectory.latest, tmp, target)
     manifest_path = tmp / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
-    manifest["resume"] = {"format": fmt.name, "checkpoint_dir": str(info.checkpoint_dir.relative_to(tmp)), "command": info.command, "notes": list(info.notes)}
+    manifest["resume"] = {
+        "format": fmt.name,
+        "checkpoint_dir": str(info.checkpoint_dir.relative_to(tmp)),
+        "command": info.command,
+        "notes": list(info.notes),
+    }
     write_json(manifest_path, manifest)
     return info

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -19,21 +20,20 @@ from nextoffline.loader import DEFAULT_CHUNK_BYTES, iter_chunks, open_readers, p
 from nextoffline.ops.chunk import FactorChunk, rank1_features
 from nextoffline.ops.decompose import frobenius_sq
 from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
-from nextoffline.ops.predictors.base import FactoredUpdate
 from nextoffline.ops.predictors.trajectory import memoise_window_grams, trajectory_rank1, window_grams
 from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
 from nextoffline.types import Trajectory
 
 __all__ = [
-    "RunSettings",
-    "default_horizon",
-    "horizon_steps",
-    "inspect_trajectory",
-    "backtest",
     "BacktestResult",
     "Candidate",
     "Extrapolation",
+    "RunSettings",
+    "backtest",
+    "default_horizon",
     "extrapolate",
+    "horizon_steps",
+    "inspect_trajectory",
     "resolve_targets",
 ]
 
@@ -48,7 +48,7 @@ AUTO_MAX_ERROR = 0.95
 class RunSettings:
     """Compute settings shared by every phase."""
 
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: bool = True
     horizon: int | None = None
@@ -111,7 +111,9 @@ def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[st
         "format": trajectory.format_name,
         "steps": trajectory.step_numbers,
         "num_modules": len(trajectory.modules),
-        "groups": [{"out_features": m, "in_features": n, "rank": r, "modules": len(mods)} for (m, n, r), mods in trajectory.groups().items()],
+        "groups": [
+            {"out_features": m, "in_features": n, "rank": r, "modules": len(mods)} for (m, n, r), mods in trajectory.groups().items()
+        ],
         "rank": trajectory.adapter_config.get("r"),
         "lora_alpha": trajectory.adapter_config.get("lora_alpha"),
         "use_rslora": bool(trajectory.adapter_config.get("use_rslora", False)),
@@ -341,7 +343,9 @@ class Extrapolation:
     note: str = ""
 
 
-def resolve_targets(trajectory: Trajectory, *, horizon: int, coefs: Sequence[float] = (), to_steps: Sequence[float] = ()) -> list[tuple[float, float]]:
+def resolve_targets(
+    trajectory: Trajectory, *, horizon: int, coefs: Sequence[float] = (), to_steps: Sequence[float] = ()
+) -> list[tuple[float, float]]:
     """``(target_step, coef)`` pairs from ``--coef`` and/or ``--to-step`` values.
 
     A coefficient ``c`` stands for the step ``t_last + c * horizon_steps``.
@@ -383,8 +387,10 @@ def extrapolate(
         report = backtest(trajectory, auto_candidates(k - holdout), settings, holdout=holdout)
         best, error = report.best()
         if best is None:
-            note = (f"no predictor beat stopping at the last checkpoint in the backtest (best error >= {AUTO_MAX_ERROR}): "
-                    "the latest weights are kept unchanged")
+            note = (
+                f"no predictor beat stopping at the last checkpoint in the backtest (best error >= {AUTO_MAX_ERROR}): "
+                "the latest weights are kept unchanged"
+            )
             LOG.warning(note)
             return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
         method = best
@@ -420,8 +426,15 @@ def _latest_tensors(trajectory: Trajectory, *, passthrough_only: bool = False) -
     return tensors
 
 
-def _build_candidates(trajectory: Trajectory, predictor: Predictor, targets: list[tuple[float, float]], rank_policy: str,
-                      settings: RunSettings, *, observe: bool = False) -> list[Candidate]:
+def _build_candidates(
+    trajectory: Trajectory,
+    predictor: Predictor,
+    targets: list[tuple[float, float]],
+    rank_policy: str,
+    settings: RunSettings,
+    *,
+    observe: bool = False,
+) -> list[Candidate]:
     """Pass 2: predict, re-factor and cast every module for every target.
 
     With ``observe`` (predictors that fit each chunk on its own) this is the only pass: each
@@ -456,8 +469,10 @@ def _store(modules, b: torch.Tensor, a: torch.Tensor, out: dict[str, torch.Tenso
             value = value if scale == 1.0 else value / scale  # undo the exact power-of-two compute scaling
             value = value.to(device="cpu", dtype=getattr(torch, trajectory.dtypes[key])).contiguous()
             if not torch.isfinite(value).all():  # after the cast: float16 overflows at 65504
-                raise NumericalError(f"{module.name}: the extrapolated factors are not finite in {trajectory.dtypes[key]}; "
-                                     "lower the coefficient or use another --method")
+                raise NumericalError(
+                    f"{module.name}: the extrapolated factors are not finite in {trajectory.dtypes[key]}; "
+                    "lower the coefficient or use another --method"
+                )
             out[key] = value
 
 

@@ -22,9 +22,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,11 +44,11 @@ __all__ = [
     "MissingDependencyError",
     "ModuleCurves",
     "ReportData",
-    "require_matplotlib",
     "compute_report",
-    "write_report",
     "read_extrapolation",
+    "require_matplotlib",
     "select_modules",
+    "write_report",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def require_matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("nextoffline report needs matplotlib, which is not installed: "
-                                     "pip install 'nextoffline[report]' (or pip install matplotlib)") from None
+        raise MissingDependencyError(
+            "nextoffline report needs matplotlib, which is not installed: pip install 'nextoffline[report]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -126,8 +128,10 @@ class ReportData:
             "methods": self.methods,
             "method_failures": self.method_failures,
             "modules": [asdict(m) for m in self.modules],
-            "all_modules": [{"name": n, "normalised_coefficients": c, "explained": e}
-                            for n, c, e in zip(self.all_names, self.all_normalised, self.all_explained)],
+            "all_modules": [
+                {"name": n, "normalised_coefficients": c, "explained": e}
+                for n, c, e in zip(self.all_names, self.all_normalised, self.all_explained)
+            ],
             "backtest": self.backtest.to_json() if self.backtest else None,
             "backtest_note": self.backtest_note,
             "extrapolation": self.extrapolation,
@@ -230,9 +234,10 @@ def compute_curves(
             for name in per_module:
                 observe(name, sub)
             for j in index:
-                curves[chunk.names[j]] = ModuleCurves(chunk.names[j], chunk.steps.tolist(), coefficients[j].tolist(),
-                                                      float(rank1.explained[j]), list(grid), {})
-    for name, predictor in fitted.items():
+                curves[chunk.names[j]] = ModuleCurves(
+                    chunk.names[j], chunk.steps.tolist(), coefficients[j].tolist(), float(rank1.explained[j]), list(grid), {}
+                )
+    for predictor in fitted.values():
         predictor.fit()
     with open_readers(trajectory) as readers:
         for plan in plans:  # pass 2: predictions of the selected modules
@@ -266,11 +271,22 @@ def read_extrapolation(folder: Path) -> dict[str, Any]:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         candidates = manifest.get("candidates") or [manifest["selected"]]
-        return {"folder": str(folder), "manifest": manifest, "candidates": candidates, "selected": manifest.get("selected"),
-                "scored": any("score" in c for c in candidates)}
-    subfolders = sorted((p for p in folder.iterdir() if (p / "nextoffline.json").is_file()), key=lambda p: _natural_key(p.name)) if folder.is_dir() else []
+        return {
+            "folder": str(folder),
+            "manifest": manifest,
+            "candidates": candidates,
+            "selected": manifest.get("selected"),
+            "scored": any("score" in c for c in candidates),
+        }
+    subfolders = (
+        sorted((p for p in folder.iterdir() if (p / "nextoffline.json").is_file()), key=lambda p: _natural_key(p.name))
+        if folder.is_dir()
+        else []
+    )
     if not subfolders:
-        raise UsageError(f"--extrapolation {folder}: no nextoffline.json here or in its subfolders; pass the --out folder of `nextoffline extrapolate`")
+        raise UsageError(
+            f"--extrapolation {folder}: no nextoffline.json here or in its subfolders; pass the --out folder of `nextoffline extrapolate`"
+        )
     manifests = [json.loads((p / "nextoffline.json").read_text(encoding="utf-8")) for p in subfolders]
     candidates = [dict(m["selected"], label=m["selected"].get("label", p.name), adapter=p.name) for p, m in zip(subfolders, manifests)]
     return {"folder": str(folder), "manifest": manifests[0], "candidates": candidates, "selected": None, "scored": False}
@@ -306,8 +322,10 @@ def compute_report(
     if extrapolation:
         source_steps = extrapolation["manifest"].get("source", {}).get("steps")
         if source_steps and source_steps != trajectory.step_numbers:
-            notes.append(f"the extrapolation in {extrapolation['folder']} was made from steps {source_steps}, "
-                         f"not from this trajectory's steps {trajectory.step_numbers}")
+            notes.append(
+                f"the extrapolation in {extrapolation['folder']} was made from steps {source_steps}, "
+                f"not from this trajectory's steps {trajectory.step_numbers}"
+            )
     report_inspect = inspect_trajectory(trajectory, settings)
     result, backtest_note = None, ""
     if k - holdout >= 3:
@@ -318,9 +336,22 @@ def compute_report(
     grid = sorted({*(first + (end_step - first) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)), *map(float, trajectory.step_numbers)})
     selected = select_modules([m.name for m in trajectory.modules], pattern=module_pattern, limit=max_modules)
     modules, normalised, explained, names, failures = compute_curves(trajectory, settings, methods, selected, grid, horizon)
-    return ReportData(inspect=report_inspect, horizon=horizon, horizon_steps=span, end_step=end_step, methods=list(methods),
-                      method_failures=failures, modules=modules, all_names=names, all_normalised=normalised, all_explained=explained,
-                      backtest=result, backtest_note=backtest_note, extrapolation=extrapolation, notes=notes)
+    return ReportData(
+        inspect=report_inspect,
+        horizon=horizon,
+        horizon_steps=span,
+        end_step=end_step,
+        methods=list(methods),
+        method_failures=failures,
+        modules=modules,
+        all_names=names,
+        all_normalised=normalised,
+        all_explained=explained,
+        backtest=result,
+        backtest_note=backtest_note,
+        extrapolation=extrapolation,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -356,8 +387,10 @@ def plot_energy(plt: Any, data: ReportData, path: Path) -> None:
     ax2.set_title("Size of the LoRA update")
     ax2.set_ylim(bottom=0)
     _style(ax2)
-    fig.suptitle(f"{100 * data.inspect['trajectory_explained_variance']:.1f}% of the update energy lies on one trajectory direction per module",
-                 fontsize=11)
+    fig.suptitle(
+        f"{100 * data.inspect['trajectory_explained_variance']:.1f}% of the update energy lies on one trajectory direction per module",
+        fontsize=11,
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -392,8 +425,14 @@ def plot_coefficients(plt: Any, data: ReportData, path: Path) -> None:
         handles.setdefault("checkpoints c(t)", observed)
         for step in candidate_steps:
             is_selected = selected_step is not None and math.isclose(step, selected_step)
-            line = ax.axvline(step, color="#e6a100" if is_selected else "#999999", linestyle="-" if is_selected else ":",
-                              linewidth=2.2 if is_selected else 1.1, alpha=0.9, zorder=1)
+            line = ax.axvline(
+                step,
+                color="#e6a100" if is_selected else "#999999",
+                linestyle="-" if is_selected else ":",
+                linewidth=2.2 if is_selected else 1.1,
+                alpha=0.9,
+                zorder=1,
+            )
             handles.setdefault("selected candidate" if is_selected else "candidate steps", line)
         pad = 0.03 * (data.end_step - curve.steps[0])
         ax.set_xlim(curve.steps[0] - pad, data.end_step + pad)
@@ -404,9 +443,14 @@ def plot_coefficients(plt: Any, data: ReportData, path: Path) -> None:
         _style(ax)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")
-    fig.suptitle("Trajectory rank-1 coefficient c(t) per module, with each predictor's fit and extrapolation\n"
-                 "(curves pass through the last checkpoint, as extrapolate applies them; grey = beyond the last checkpoint)", fontsize=10)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=min(len(handles), 8), fontsize=9, frameon=False)
+    fig.suptitle(
+        "Trajectory rank-1 coefficient c(t) per module, with each predictor's fit and extrapolation\n"
+        "(curves pass through the last checkpoint, as extrapolate applies them; grey = beyond the last checkpoint)",
+        fontsize=10,
+    )
+    fig.legend(
+        list(handles.values()), list(handles.keys()), loc="outside lower center", ncol=min(len(handles), 8), fontsize=9, frameon=False
+    )
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -447,9 +491,19 @@ def plot_backtest(plt: Any, result: BacktestResult, path: Path) -> None:
     ax.barh(positions, [min(e, cap) if math.isfinite(e) else cap for e in errors], color=colors, height=0.65)
     for pos, name, error in zip(positions, names, errors):
         per_step = [min(e, cap) for e in result.per_step[name] if math.isfinite(e)]
-        ax.plot(per_step, [pos] * len(per_step), "D", color="black", markersize=3.5, alpha=0.8, linestyle="none",
-                label="per held-out step" if pos == positions[0] else None)
-        text = (f"{error:.3f}" if math.isfinite(error) else "inf") + (" (clipped)" if error > cap else "") + ("  best" if name == best else "")
+        ax.plot(
+            per_step,
+            [pos] * len(per_step),
+            "D",
+            color="black",
+            markersize=3.5,
+            alpha=0.8,
+            linestyle="none",
+            label="per held-out step" if pos == positions[0] else None,
+        )
+        text = (
+            (f"{error:.3f}" if math.isfinite(error) else "inf") + (" (clipped)" if error > cap else "") + ("  best" if name == best else "")
+        )
         right = max([min(error, cap) if math.isfinite(error) else cap, *per_step])
         ax.text(right + 0.02 * cap, pos, text, va="center", fontsize=8.5, fontweight="bold" if name == best else "normal")
     ax.axvline(1.0, color="#d62728", linestyle="--", linewidth=1.2, label="1.0 = stopping at the last checkpoint")
@@ -461,8 +515,11 @@ def plot_backtest(plt: Any, result: BacktestResult, path: Path) -> None:
             label.set_fontweight("bold")
     ax.set_xlim(0, cap * 1.18)
     ax.set_xlabel("relative error of the predicted held-out update (lower is better)")
-    ax.set_title(f"Backtest: fit on steps {result.observed_steps[0]}..{result.observed_steps[-1]}, predict {', '.join(map(str, result.heldout_steps))}"
-                 + (f"; best: {best}" if best else "; nothing beats stopping"), fontsize=10)
+    ax.set_title(
+        f"Backtest: fit on steps {result.observed_steps[0]}..{result.observed_steps[-1]}, predict {', '.join(map(str, result.heldout_steps))}"
+        + (f"; best: {best}" if best else "; nothing beats stopping"),
+        fontsize=10,
+    )
     ax.legend(loc="upper right", fontsize=8)
     _style(ax)
     fig.savefig(path, dpi=110)
@@ -470,8 +527,9 @@ def plot_backtest(plt: Any, result: BacktestResult, path: Path) -> None:
 
 
 def _lower_is_better(extrapolation: dict[str, Any]) -> bool:
-    return "lower is better" in str(extrapolation["manifest"].get("extrapolation", {}).get("note", "")) or \
-        "--eval-lower-is-better" in str(extrapolation["manifest"].get("command", ""))
+    return "lower is better" in str(extrapolation["manifest"].get("extrapolation", {}).get("note", "")) or "--eval-lower-is-better" in str(
+        extrapolation["manifest"].get("command", "")
+    )
 
 
 def plot_candidates(plt: Any, data: ReportData, path: Path) -> None:
@@ -486,10 +544,24 @@ def plot_candidates(plt: Any, data: ReportData, path: Path) -> None:
         ax.axhline(float(reference["score"]), color="#7f7f7f", linestyle="--", linewidth=1.2, label="coefficient 0 (no extrapolation)")
     chosen = next((c for c in scored if c.get("selected")), None)
     if chosen is not None:
-        ax.plot(float(chosen["step"]), float(chosen["score"]), "*", color="#d62728", markersize=17, zorder=4, label=f"selected: {chosen.get('label', '')}")
+        ax.plot(
+            float(chosen["step"]),
+            float(chosen["score"]),
+            "*",
+            color="#d62728",
+            markersize=17,
+            zorder=4,
+            label=f"selected: {chosen.get('label', '')}",
+        )
     for c in scored:
-        ax.annotate(f"c={float(c['coef']):.3g}", (float(c["step"]), float(c["score"])), textcoords="offset points", xytext=(0, 11),
-                    ha="center", fontsize=8)
+        ax.annotate(
+            f"c={float(c['coef']):.3g}",
+            (float(c["step"]), float(c["score"])),
+            textcoords="offset points",
+            xytext=(0, 11),
+            ha="center",
+            fontsize=8,
+        )
     direction = "lower is better" if _lower_is_better(data.extrapolation) else "higher is better"
     ax.set_xlabel("target step of the candidate")
     ax.set_ylabel(f"evaluator score ({direction})")
@@ -524,7 +596,8 @@ def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
         f"- source: `{info['source']}` ({info['format']} layout)",
         f"- checkpoints: {len(info['steps'])} at steps {', '.join(map(str, info['steps']))}",
         f"- LoRA: {info['num_modules']} modules in {len(info['groups'])} shape groups, r={info['rank']}, alpha={info['lora_alpha']}"
-        + (" (rslora)" if info["use_rslora"] else "") + f", dtypes {', '.join(info['dtypes'])}",
+        + (" (rslora)" if info["use_rslora"] else "")
+        + f", dtypes {', '.join(info['dtypes'])}",
         f"- trajectory rank-1: {_pct(info['trajectory_explained_variance'])} of the update energy lies on one direction per module",
         f"- horizon: {data.horizon} checkpoints = {data.horizon_steps:g} steps (coefficient 1)",
         "",
@@ -538,7 +611,10 @@ def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
         "| step | rank-1 energy (global) | rank-1 energy (local) | \\|dW\\| |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['step']} | {_pct(r['global_rank1_energy'])} | {_pct(r['local_rank1_energy'])} | {r['global_norm']:.4g} |" for r in info["per_step"]]
+    lines += [
+        f"| {r['step']} | {_pct(r['global_rank1_energy'])} | {_pct(r['local_rank1_energy'])} | {r['global_norm']:.4g} |"
+        for r in info["per_step"]
+    ]
     lines += [
         "",
         "## Trajectory coefficients",
@@ -557,7 +633,9 @@ def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
         ends = []
         for m in data.methods:
             values = curve.predictions.get(m) or []
-            ends.append(_num(values[-1] / curve.coefficients[-1]) + "x" if values and values[-1] is not None and curve.coefficients[-1] else "-")
+            ends.append(
+                _num(values[-1] / curve.coefficients[-1]) + "x" if values and values[-1] is not None and curve.coefficients[-1] else "-"
+            )
         lines.append(f"| `{short_name(curve.name)}` | {_pct(curve.explained)} | " + " | ".join(ends) + " |")
     lines.append("")
     lines.append("(values are `c(end) / c(last)`: 1.0x = no change from the latest checkpoint)")
@@ -582,11 +660,20 @@ def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
             lines.append(f"| `{name}` | {bt.errors[name]:.3f} | {', '.join(f'{e:.3f}' for e in bt.per_step[name])} |")
         for name, why in bt.failures.items():
             lines.append(f"| `{name}` | n/a | {why} |")
-        lines += ["", f"**auto would choose: `{best}`** (error {error:.3f})" if best else
-                  f"**auto would keep the latest weights**: no predictor's error is below {AUTO_MAX_ERROR}."]
+        lines += [
+            "",
+            f"**auto would choose: `{best}`** (error {error:.3f})"
+            if best
+            else f"**auto would keep the latest weights**: no predictor's error is below {AUTO_MAX_ERROR}.",
+        ]
     if data.extrapolation is not None:
         lines += _candidates_markdown(data, figures)
-    lines += ["", "---", "Nothing guarantees that extrapolation helps: a low backtest error is evidence, an evaluator score on the candidates is a test.", ""]
+    lines += [
+        "",
+        "---",
+        "Nothing guarantees that extrapolation helps: a low backtest error is evidence, an evaluator score on the candidates is a test.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -600,11 +687,17 @@ def _candidates_markdown(data: ReportData, figures: dict[str, str]) -> list[str]
         lines += ["", f"> {extra['note']}"]
     if ext["scored"]:
         lines += ["", f"![candidate scores]({figures['candidates']})"]
-    lines += ["", "| candidate | step | coefficient | score | update / \\|dW_last\\| | energy kept at rank r | written |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "| candidate | step | coefficient | score | update / \\|dW_last\\| | energy kept at rank r | written |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for c in sorted(ext["candidates"], key=lambda c: float(c.get("step", 0))):
         mark = "**selected**" if c.get("selected") else (f"`{c['adapter']}`" if c.get("adapter") else "no")
-        lines.append(f"| `{c.get('label', '-')}` | {_num(c.get('step'))} | {_num(c.get('coef'))} | {_num(c.get('score'))} | "
-                     f"{_num(c.get('relative_update'))} | {_pct(c.get('kept_energy'))} | {mark} |")
+        lines.append(
+            f"| `{c.get('label', '-')}` | {_num(c.get('step'))} | {_num(c.get('coef'))} | {_num(c.get('score'))} | "
+            f"{_num(c.get('relative_update'))} | {_pct(c.get('kept_energy'))} | {mark} |"
+        )
     return lines
 
 

@@ -26,13 +26,15 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from nextoffline import __version__
 from nextoffline.card import build_manifest, model_card
 from nextoffline.errors import EvaluationError, UsageError
+from nextoffline.io.writer import write_json, write_text
 from nextoffline.output import (
     MANIFEST_NAME,
     candidate_label,
@@ -42,11 +44,10 @@ from nextoffline.output import (
     source_record,
     write_adapter_folder,
 )
-from nextoffline.io.writer import write_json, write_text
 from nextoffline.pipeline import Candidate, Extrapolation, RunSettings, extrapolate
 from nextoffline.types import Trajectory
 
-__all__ = ["EvalSpec", "EvalResult", "score_candidates", "run_extrapolate", "parse_score", "run_eval", "EVAL_LOG_DIR", "CANDIDATES_DIR"]
+__all__ = ["CANDIDATES_DIR", "EVAL_LOG_DIR", "EvalResult", "EvalSpec", "parse_score", "run_eval", "run_extrapolate", "score_candidates"]
 
 LOG = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         if "{adapter}" not in self.command:
-            raise UsageError("--eval-cmd must contain {adapter}, replaced by each candidate's adapter folder, e.g. "
-                             "--eval-cmd 'python eval.py --adapter {adapter}'")
+            raise UsageError(
+                "--eval-cmd must contain {adapter}, replaced by each candidate's adapter folder, e.g. "
+                "--eval-cmd 'python eval.py --adapter {adapter}'"
+            )
         if not self.timeout > 0:
             raise UsageError(f"--eval-timeout {self.timeout:g}: must be positive")
 
@@ -142,8 +145,9 @@ def run_eval(spec: EvalSpec, adapter: Path, log_path: Path, *, env: Mapping[str,
     started = time.monotonic()
     timed_out = False
     with out_path.open("w") as out_file, err_path.open("w") as err_file:
-        proc = subprocess.Popen(command, shell=True, stdout=out_file, stderr=err_file, stdin=subprocess.DEVNULL,
-                                env=full_env, start_new_session=True)
+        proc = subprocess.Popen(
+            command, shell=True, stdout=out_file, stderr=err_file, stdin=subprocess.DEVNULL, env=full_env, start_new_session=True
+        )
         try:
             proc.wait(timeout=spec.timeout)
         except subprocess.TimeoutExpired:
@@ -159,19 +163,26 @@ def run_eval(spec: EvalSpec, adapter: Path, log_path: Path, *, env: Mapping[str,
     err_path.unlink(missing_ok=True)
     score = None if timed_out or proc.returncode != 0 else parse_score(stdout)
     status = f"timed out after {spec.timeout:g}s" if timed_out else f"exit {proc.returncode}"
-    log_path.write_text(f"$ {command}\n[{status}; {seconds:.1f}s; score {score if score is not None else 'none'}]\n"
-                        f"--- stdout\n{stdout}--- stderr\n{stderr}", encoding="utf-8")
+    log_path.write_text(
+        f"$ {command}\n[{status}; {seconds:.1f}s; score {score if score is not None else 'none'}]\n"
+        f"--- stdout\n{stdout}--- stderr\n{stderr}",
+        encoding="utf-8",
+    )
     if timed_out:
-        raise EvaluationError(f"--eval-cmd timed out after {spec.timeout:g}s on candidate {label} (log: {log_path}); "
-                              "raise --eval-timeout or make the evaluator faster")
+        raise EvaluationError(
+            f"--eval-cmd timed out after {spec.timeout:g}s on candidate {label} (log: {log_path}); "
+            "raise --eval-timeout or make the evaluator faster"
+        )
     if proc.returncode != 0:
         why = _last_line(stderr) or _last_line(stdout) or "no output"
         raise EvaluationError(f"--eval-cmd exited with status {proc.returncode} on candidate {label}: {why} (log: {log_path})")
     if score is None:
         last = _last_line(stdout)
         shown = f"its last line was {last!r}" if last else "it printed nothing on stdout"
-        raise EvaluationError(f"--eval-cmd printed no number on its last line for candidate {label} ({shown}; log: {log_path}); "
-                              "make the evaluator print the score as the last line of stdout")
+        raise EvaluationError(
+            f"--eval-cmd printed no number on its last line for candidate {label} ({shown}; log: {log_path}); "
+            "make the evaluator print the score as the last line of stdout"
+        )
     return EvalResult(label, score, seconds, log_path)
 
 
@@ -179,10 +190,22 @@ def _candidate_env(candidate: Candidate, label: str) -> dict[str, str]:
     return {"NEXTOFFLINE_COEF": f"{candidate.coef:g}", "NEXTOFFLINE_STEP": f"{candidate.target_step:g}", "NEXTOFFLINE_CANDIDATE": label}
 
 
-def _manifest(trajectory: Trajectory, extrapolation: Extrapolation, record: Mapping[str, Any], command: str, source: Mapping[str, Any],
-              candidates: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    return build_manifest(version=__version__, command=command, source=source, extrapolation=extrapolation_record(extrapolation),
-                          candidate=record, candidates=candidates)
+def _manifest(
+    trajectory: Trajectory,
+    extrapolation: Extrapolation,
+    record: Mapping[str, Any],
+    command: str,
+    source: Mapping[str, Any],
+    candidates: list[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    return build_manifest(
+        version=__version__,
+        command=command,
+        source=source,
+        extrapolation=extrapolation_record(extrapolation),
+        candidate=record,
+        candidates=candidates,
+    )
 
 
 def score_candidates(
@@ -215,7 +238,9 @@ def score_candidates(
         for candidate, label in zip(extrapolation.candidates, labels):
             folder = staging / label
             record = dict(candidate_record(candidate), label=label, staged_for_evaluation=True)
-            write_adapter_folder(folder, trajectory, extrapolation, candidate, _manifest(trajectory, extrapolation, record, command, source))
+            write_adapter_folder(
+                folder, trajectory, extrapolation, candidate, _manifest(trajectory, extrapolation, record, command, source)
+            )
             if extrapolation.method == "none" and results:
                 first = results[0]
                 LOG.info("candidate %s is the unchanged latest checkpoint, like %s: score %g reused", label, first.label, first.score)
@@ -285,7 +310,9 @@ def run_extrapolate(
     labels = target_labels(coefs, to_steps)
     result = extrapolate(trajectory, settings, method=method, coefs=coefs, to_steps=to_steps, rank_policy=rank_policy, holdout=holdout)
     if evaluation is None:
-        out, resume = save_extrapolation(out_dir, trajectory, result, command=command, resumable=resumable, overwrite=overwrite, labels=labels)
+        out, resume = save_extrapolation(
+            out_dir, trajectory, result, command=command, resumable=resumable, overwrite=overwrite, labels=labels
+        )
         return _summary(out, result, labels, None, None, resume)
 
     source = source_record(trajectory)
@@ -294,14 +321,29 @@ def run_extrapolate(
     log_dir = Path(tempfile.mkdtemp(prefix="nextoffline-eval-logs-"))  # survives a failure, for the message's log path
     keep_dir = work / CANDIDATES_DIR if evaluation.keep_all else None
     try:
-        results = score_candidates(trajectory, result, evaluation, log_dir, staging_dir=work / "staging", keep_dir=keep_dir,
-                                   command=command, source=source, labels=labels)
+        results = score_candidates(
+            trajectory,
+            result,
+            evaluation,
+            log_dir,
+            staging_dir=work / "staging",
+            keep_dir=keep_dir,
+            command=command,
+            source=source,
+            labels=labels,
+        )
         best = best_index([r.score for r in results], evaluation.lower_is_better)
         extras: dict[int, dict[str, Any]] = {}
         for i, r in enumerate(results):
             kept = i == best or evaluation.keep_all
-            extras[i] = {"label": r.label, "score": r.score, "eval_log": f"{EVAL_LOG_DIR}/{r.log.name}", "eval_seconds": round(r.seconds, 3),
-                         "selected": i == best, "adapter": "." if i == best else (f"{CANDIDATES_DIR}/{r.label}" if kept else None)}
+            extras[i] = {
+                "label": r.label,
+                "score": r.score,
+                "eval_log": f"{EVAL_LOG_DIR}/{r.log.name}",
+                "eval_seconds": round(r.seconds, 3),
+                "selected": i == best,
+                "adapter": "." if i == best else (f"{CANDIDATES_DIR}/{r.label}" if kept else None),
+            }
         _note_selection(result, results, best, evaluation)
         extra_dirs = {EVAL_LOG_DIR: log_dir}
         if keep_dir is not None:
@@ -309,8 +351,18 @@ def run_extrapolate(
             _finish_kept(keep_dir, trajectory, result, extras, command, source, best)
             if any(keep_dir.iterdir()):
                 extra_dirs[CANDIDATES_DIR] = keep_dir
-        out, resume = save_extrapolation(out_dir, trajectory, result, command=command, resumable=resumable, overwrite=overwrite,
-                                          scores=extras, keep=[best], extra_dirs=extra_dirs, labels=labels)
+        out, resume = save_extrapolation(
+            out_dir,
+            trajectory,
+            result,
+            command=command,
+            resumable=resumable,
+            overwrite=overwrite,
+            scores=extras,
+            keep=[best],
+            extra_dirs=extra_dirs,
+            labels=labels,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(log_dir, ignore_errors=True)  # only on success: a failure message points into it
@@ -323,16 +375,27 @@ def _note_selection(result: Extrapolation, results: list[EvalResult], best: int,
     reference = next((r.score for c, r in zip(result.candidates, results) if c.coef == 0), None)
     direction = "lower" if spec.lower_is_better else "higher"
     if chosen.coef == 0:
-        text = (f"the evaluator scored coefficient 0 (no extrapolation, score {reference:g}) best or tied ({direction} is better): "
-                "the selected adapter is the latest checkpoint")
+        text = (
+            f"the evaluator scored coefficient 0 (no extrapolation, score {reference:g}) best or tied ({direction} is better): "
+            "the selected adapter is the latest checkpoint"
+        )
         LOG.warning(text)
     else:
-        text = f"selected {results[best].label} (score {results[best].score:g} vs {reference:g} without extrapolation; {direction} is better)"
+        text = (
+            f"selected {results[best].label} (score {results[best].score:g} vs {reference:g} without extrapolation; {direction} is better)"
+        )
     result.note = f"{result.note}; {text}" if result.note else text
 
 
-def _finish_kept(keep_dir: Path, trajectory: Trajectory, result: Extrapolation, extras: Mapping[int, Mapping[str, Any]], command: str,
-                 source: Mapping[str, Any], best: int) -> None:
+def _finish_kept(
+    keep_dir: Path,
+    trajectory: Trajectory,
+    result: Extrapolation,
+    extras: Mapping[int, Mapping[str, Any]],
+    command: str,
+    source: Mapping[str, Any],
+    best: int,
+) -> None:
     """Give every kept (not selected) candidate its final manifest and card."""
     records = [dict(candidate_record(c), **extras[i]) for i, c in enumerate(result.candidates)]
     for i, record in enumerate(records):
@@ -345,12 +408,25 @@ def _finish_kept(keep_dir: Path, trajectory: Trajectory, result: Extrapolation, 
         write_text(folder / "README.md", model_card(manifest))
 
 
-def _summary(out: Path, result: Extrapolation, labels: Sequence[str], best: int | None, extras: Mapping[int, Mapping[str, Any]] | None, resume, *,
-             keep_all: bool = False) -> dict[str, Any]:
+def _summary(
+    out: Path,
+    result: Extrapolation,
+    labels: Sequence[str],
+    best: int | None,
+    extras: Mapping[int, Mapping[str, Any]] | None,
+    resume,
+    *,
+    keep_all: bool = False,
+) -> dict[str, Any]:
     candidates = []
     for i, c in enumerate(result.candidates):
-        entry: dict[str, Any] = {"label": labels[i], "step": c.target_step, "coef": c.coef, "kept_energy": c.kept_energy_mean,
-                                 "relative_update": c.relative_update}
+        entry: dict[str, Any] = {
+            "label": labels[i],
+            "step": c.target_step,
+            "coef": c.coef,
+            "kept_energy": c.kept_energy_mean,
+            "relative_update": c.relative_update,
+        }
         if extras is not None:
             entry.update(extras[i])
             entry["written"] = i == best or keep_all

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from nextoffline.io.writer import write_safetensors
 
-__all__ = ["SyntheticSpec", "LAWS", "synthetic_factors", "write_synthetic_trajectory", "qwen_like_modules", "tiny_modules"]
+__all__ = ["LAWS", "SyntheticSpec", "qwen_like_modules", "synthetic_factors", "tiny_modules", "write_synthetic_trajectory"]
 
 LAWS: dict[str, Callable[[float], float]] = {
     "linear": lambda t: t,
     "sqrt": math.sqrt,
-    "log": lambda t: math.log1p(t),
+    "log": math.log1p,
     "quadratic": lambda t: t * t,
     "constant": lambda t: 1.0,
 }

@@ -10,8 +10,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from nextoffline.errors import (
     AdapterConfigError,
@@ -27,7 +28,7 @@ from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights
 from nextoffline.io.reader import open_tensors
 from nextoffline.types import LoraModule, StepRef, Trajectory
 
-__all__ = ["load_trajectory", "parse_adapter_pairs", "read_adapter_config", "module_scaling", "MIN_STEPS"]
+__all__ = ["MIN_STEPS", "load_trajectory", "module_scaling", "parse_adapter_pairs", "read_adapter_config"]
 
 LOG = logging.getLogger(__name__)
 
@@ -47,8 +48,14 @@ _UNSUPPORTED_KEY_MARKERS = {
     "boft_R": "BOFT",
 }
 _UNSUPPORTED_OPTIONS = ("use_dora", "use_qalora", "lora_bias", "use_bdlora", "target_parameters", "layer_replication")
-_OPTION_NAMES = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA bias", "use_bdlora": "BD-LoRA",
-                 "target_parameters": "LoRA on parameters", "layer_replication": "layer replication"}
+_OPTION_NAMES = {
+    "use_dora": "DoRA",
+    "use_qalora": "QA-LoRA",
+    "lora_bias": "LoRA bias",
+    "use_bdlora": "BD-LoRA",
+    "target_parameters": "LoRA on parameters",
+    "layer_replication": "layer replication",
+}
 #: Scalings outside this range cannot be computed with in float32 (and no real run uses them).
 _SCALING_RANGE = (1e-12, 1e12)
 #: Factors are rescaled by a power of two when the latest step's magnitudes leave this range.
@@ -67,7 +74,9 @@ def parse_adapter_pairs(pairs: Sequence[str]) -> dict[int, Path]:
             raise UsageError(f"--adapter {pair!r}: expected STEP=PATH with an integer step, e.g. --adapter 100=runs/step_100")
         step = int(step_text)
         if step in result:
-            raise IncompatibleCheckpointsError(f"--adapter {step}=...: step {step} given twice ({result[step]}, {path}); keep one --adapter per step")
+            raise IncompatibleCheckpointsError(
+                f"--adapter {step}=...: step {step} given twice ({result[step]}, {path}); keep one --adapter per step"
+            )
         result[step] = Path(path)
     return result
 
@@ -103,7 +112,7 @@ def _check_supported(path: Path, config: Mapping[str, Any]) -> None:
     fix = "restore the file PEFT wrote"
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str):
-        raise AdapterConfigError(f"{path}: peft_type must be a string such as \"LORA\", found {peft_type!r}; {fix}")
+        raise AdapterConfigError(f'{path}: peft_type must be a string such as "LORA", found {peft_type!r}; {fix}')
     if peft_type.upper() != "LORA":
         raise UnsupportedAdapterError(f"{path}: peft_type {peft_type} is not supported; nextoffline handles plain LoRA adapters only")
     for option in _UNSUPPORTED_OPTIONS:
@@ -130,7 +139,9 @@ def _check_supported(path: Path, config: Mapping[str, Any]) -> None:
             raise AdapterConfigError(f"{path}: {field} must be an object mapping module patterns to numbers, found {patterns!r}; {fix}")
         for key, value in patterns.items():
             if not _is_number(value) or not value > 0 or (base == "r" and float(value) != int(value)):
-                raise AdapterConfigError(f"{path}: {field}[{key!r}] must be a positive {'whole ' if base == 'r' else ''}number, found {value!r}; {fix}")
+                raise AdapterConfigError(
+                    f"{path}: {field}[{key!r}] must be a positive {'whole ' if base == 'r' else ''}number, found {value!r}; {fix}"
+                )
             try:
                 re.compile(key)
             except (re.error, RecursionError):
@@ -326,7 +337,9 @@ def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str
     for key in sorted(header):
         for marker, kind in _UNSUPPORTED_KEY_MARKERS.items():
             if any(part.startswith(marker) for part in key.split(".")):
-                raise UnsupportedAdapterError(f"{weights}: tensor {key} is not plain LoRA ({kind}); nextoffline handles plain LoRA adapters only")
+                raise UnsupportedAdapterError(
+                    f"{weights}: tensor {key} is not plain LoRA ({kind}); nextoffline handles plain LoRA adapters only"
+                )
         match = _LORA_KEY.match(key) or _LORA_EMBEDDING_KEY.match(key)
         if match is None:
             passthrough.append(key)
@@ -342,7 +355,9 @@ def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str
     return modules, passthrough
 
 
-def _make_module(weights: Path, name: str, keys: Mapping[str, str], header: Mapping[str, Any], config: Mapping[str, Any], embedding: bool) -> LoraModule:
+def _make_module(
+    weights: Path, name: str, keys: Mapping[str, str], header: Mapping[str, Any], config: Mapping[str, Any], embedding: bool
+) -> LoraModule:
     if set(keys) != {"A", "B"}:
         raise AdapterFileError(f"{weights}: module {name} has lora_{next(iter(keys))} but not its partner; the file is incomplete")
     shape_a, shape_b = header[keys["A"]][0], header[keys["B"]][0]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["LoraModule", "StepRef", "Trajectory", "ResumeInfo"]
+__all__ = ["LoraModule", "ResumeInfo", "StepRef", "Trajectory"]
 
 
 @dataclass(frozen=True)

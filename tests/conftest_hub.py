@@ -11,9 +11,10 @@ from __future__ import annotations
 import select
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import pytest
 from huggingface_hub import constants
@@ -124,10 +125,22 @@ def hub_env(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     }
     for name, value in settings.items():
         monkeypatch.setattr(constants, name, value)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                 "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_ASSETS_CACHE",
+        "HF_XET_CACHE",
+        "HF_TOKEN_PATH",
+    ):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {"HF_ENDPOINT": hub_server.endpoint, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1",
-                        "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    for name, value in {
+        "HF_ENDPOINT": hub_server.endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }.items():
         monkeypatch.setenv(name, value)
     return HubEnv(server=hub_server, hf_home=hf_home, monkeypatch=monkeypatch)

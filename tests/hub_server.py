@@ -39,10 +39,11 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 REGULAR_FILE_MAX_SIZE = 10 * 1000 * 1000  # larger files must go through LFS, as on the Hub
@@ -50,10 +51,40 @@ LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsiz
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.gguf", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl",
-        "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite",
-        "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.gguf",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.lfs.*",
+        "*.model",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.rar",
+        "*.safetensors",
+        "saved_model/**/*",
+        "*.tar.*",
+        "*.tar",
+        "*.tflite",
+        "*.tgz",
+        "*.wasm",
+        "*.xz",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
     )
 )
 _KIND = r"(?P<kind>models|datasets)"
@@ -154,11 +185,16 @@ class Store:
             raise ApiError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return sha
 
-    def add_commit(self, key: RepoKey, branch: str, parent: str | None, tree: dict, title: str, message: str,
-                   author: str) -> str:
+    def add_commit(self, key: RepoKey, branch: str, parent: str | None, tree: dict, title: str, message: str, author: str) -> str:
         """Store a commit and move ``branch`` to it."""
-        body = {"parents": [parent] if parent else [], "title": title, "message": message, "date": now_iso(),
-                "author": author, "tree": tree}
+        body = {
+            "parents": [parent] if parent else [],
+            "title": title,
+            "message": message,
+            "date": now_iso(),
+            "author": author,
+            "tree": tree,
+        }
         sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()
         _write_atomic(self._commit_path(key, sha), json.dumps({"id": sha, **body}).encode())
         self.set_ref(key, branch, sha)
@@ -212,7 +248,7 @@ def tree_listing(tree: dict[str, dict], folder: str, recursive: bool) -> list[di
     dirs: set[str] = set()
     files = []
     for path, entry in below.items():
-        parts = path[len(prefix):].split("/")
+        parts = path[len(prefix) :].split("/")
         depth = len(parts) if recursive else 1
         dirs.update(prefix + "/".join(parts[: i + 1]) for i in range(min(depth, len(parts) - 1)))
         if recursive or len(parts) == 1:
@@ -272,8 +308,7 @@ class HubApp:
     def storage_url(self, host: str, key: RepoKey, oid: str, action: str) -> str:
         """Signed URL of an LFS object on the storage origin (the Hub's CDN / S3 stand-in)."""
         hostname = host.rsplit(":", 1)[0]
-        return (f"http://{hostname}:{self.storage_port}/lfs/{key.kind}/{key.repo_id}/{oid}"
-                f"?{action}=1&sig={self.sign(key, oid, action)}")
+        return f"http://{hostname}:{self.storage_port}/lfs/{key.kind}/{key.repo_id}/{oid}?{action}=1&sig={self.sign(key, oid, action)}"
 
 
 Route = tuple[str, re.Pattern[str], Callable[..., None]]
@@ -287,16 +322,16 @@ class BaseHandler(BaseHTTPRequestHandler):
     routes: list[Route] = []
     server: AppServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._dispatch("HEAD")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._dispatch("PUT")
 
     @property
@@ -344,8 +379,9 @@ class BaseHandler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "Request body is not valid JSON") from None
 
-    def send_json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None,
-                  content_type: str = "application/json") -> None:
+    def send_json(
+        self, payload: Any, status: int = 200, headers: dict[str, str] | None = None, content_type: str = "application/json"
+    ) -> None:
         self.send_bytes(json.dumps(payload).encode(), status, {"Content-Type": content_type, **(headers or {})})
 
     def send_bytes(self, data: bytes, status: int = 200, headers: dict[str, str] | None = None) -> None:
@@ -368,7 +404,7 @@ class BaseHandler(BaseHTTPRequestHandler):
         if start >= len(data) or start > end:
             raise ApiError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
         end = min(end, len(data) - 1)
-        self.send_bytes(data[start:end + 1], 206, {**base, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+        self.send_bytes(data[start : end + 1], 206, {**base, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
 
     def host(self) -> str:
         """``host:port`` the client used to reach this server."""
@@ -419,8 +455,10 @@ class HubHandler(BaseHandler):
     def check_gate(self, key: RepoKey, repo: dict[str, Any]) -> None:
         account = self.caller()
         if repo["gated"] and (account is None or account.name != key.namespace):
-            message = (f"Access to model {key.repo_id} is restricted and you are not in the authorized list. "
-                       f"Visit {self.base_url()}/{key.web_path()} to ask for access.")
+            message = (
+                f"Access to model {key.repo_id} is restricted and you are not in the authorized list. "
+                f"Visit {self.base_url()}/{key.web_path()} to ask for access."
+            )
             raise ApiError(401 if account is None else 403, message, "GatedRepo")
 
     # --- account and repos
@@ -430,8 +468,16 @@ class HubHandler(BaseHandler):
         if account is None:
             raise ApiError(401, "Invalid credentials in Authorization header")
         role = "write" if account.can_write else "read"
-        self.send_json({"type": "user", "id": account.name, "name": account.name, "fullname": account.name,
-                        "orgs": [], "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}}})
+        self.send_json(
+            {
+                "type": "user",
+                "id": account.name,
+                "name": account.name,
+                "fullname": account.name,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": role}},
+            }
+        )
 
     def create_repo(self) -> None:
         payload = self.json_body()
@@ -471,10 +517,23 @@ class HubHandler(BaseHandler):
         sha = self.app.store.resolve(key, rev or "main")
         commit = self.app.store.commit(key, sha)
         with_blobs = self.query.get("blobs", "").lower() in ("1", "true")
-        self.send_json({"_id": key.repo_id, "id": key.repo_id, "author": key.namespace, "sha": sha,
-                        "lastModified": commit["date"], "createdAt": repo["created_at"], "private": repo["private"],
-                        "gated": repo["gated"], "disabled": False, "tags": [], "downloads": 0, "likes": 0,
-                        "siblings": [_sibling(p, e, with_blobs) for p, e in sorted(commit["tree"].items())]})
+        self.send_json(
+            {
+                "_id": key.repo_id,
+                "id": key.repo_id,
+                "author": key.namespace,
+                "sha": sha,
+                "lastModified": commit["date"],
+                "createdAt": repo["created_at"],
+                "private": repo["private"],
+                "gated": repo["gated"],
+                "disabled": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "siblings": [_sibling(p, e, with_blobs) for p, e in sorted(commit["tree"].items())],
+            }
+        )
 
     def list_refs(self, kind: str, ns: str, name: str) -> None:
         _, repo = self.readable(kind, ns, name)
@@ -482,7 +541,7 @@ class HubHandler(BaseHandler):
         self.send_json({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
 
     def create_branch(self, kind: str, ns: str, name: str, branch: str) -> None:
-        key, repo, _ = self.writable(kind, ns, name)
+        key, _repo, _ = self.writable(kind, ns, name)
         start = self.json_body().get("startingPoint") or "main"
         with self.app.store.lock:
             if branch in self.app.store.repo(key)["refs"]:
@@ -502,8 +561,15 @@ class HubHandler(BaseHandler):
         history = []
         while sha:
             commit = self.app.store.commit(key, sha)
-            history.append({"id": sha, "title": commit["title"], "message": commit["message"], "date": commit["date"],
-                            "authors": [{"user": commit["author"]}]})
+            history.append(
+                {
+                    "id": sha,
+                    "title": commit["title"],
+                    "message": commit["message"],
+                    "date": commit["date"],
+                    "authors": [{"user": commit["author"]}],
+                }
+            )
             sha = (commit["parents"] or [None])[0]
         self.send_json(history)
 
@@ -528,7 +594,7 @@ class HubHandler(BaseHandler):
         return self.app.store.regular_path(key, entry["oid"]).read_text() if entry and not entry["lfs"] else ""
 
     def commit(self, kind: str, ns: str, name: str, rev: str) -> None:
-        key, repo, account = self.writable(kind, ns, name)
+        key, _repo, account = self.writable(kind, ns, name)
         if "create_pr" in self.query:
             raise ApiError(400, "Pull requests are not supported by this test server")
         lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
@@ -545,10 +611,16 @@ class HubHandler(BaseHandler):
             tree = dict(self.app.store.commit(key, parent)["tree"])
             for line in lines[1:]:
                 self._apply(key, tree, line["key"], line["value"])
-            sha = self.app.store.add_commit(key, rev, parent, tree, header.get("summary", ""),
-                                            header.get("description", ""), account.name)
-        self.send_json({"success": True, "commitOid": sha, "commitUrl": f"{self.base_url()}/{key.web_path()}/commit/{sha}",
-                        "hookOutput": "", "pullRequestUrl": None})
+            sha = self.app.store.add_commit(key, rev, parent, tree, header.get("summary", ""), header.get("description", ""), account.name)
+        self.send_json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self.base_url()}/{key.web_path()}/commit/{sha}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            }
+        )
 
     def _apply(self, key: RepoKey, tree: dict[str, dict], op: str, value: dict[str, Any]) -> None:
         """Apply one NDJSON commit operation to ``tree``."""
@@ -590,8 +662,7 @@ class HubHandler(BaseHandler):
                 objects.append({"oid": oid, "size": size})
             else:
                 upload = {"href": self.app.storage_url(self.host(), key, oid, "upload")}
-                objects.append({"oid": oid, "size": size, "authenticated": True,
-                                "actions": {"upload": upload, "verify": verify}})
+                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {"upload": upload, "verify": verify}})
         self.send_json({"transfer": "basic", "objects": objects}, content_type="application/vnd.git-lfs+json")
 
     def lfs_verify(self, kind: str | None, ns: str, name: str) -> None:
@@ -620,8 +691,13 @@ class HubHandler(BaseHandler):
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"'}
         if entry["lfs"]:
             oid = entry["lfs"]["oid"]
-            headers.update({"Location": self.app.storage_url(self.host(), key, oid, "download"),
-                            "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(entry["size"])})
+            headers.update(
+                {
+                    "Location": self.app.storage_url(self.host(), key, oid, "download"),
+                    "X-Linked-Etag": f'"{oid}"',
+                    "X-Linked-Size": str(entry["size"]),
+                }
+            )
             self.send_bytes(b"Found. Redirecting", 302, {"Content-Type": "text/plain", **headers})
             return
         data = self.app.store.regular_path(key, entry["oid"]).read_bytes()
@@ -652,8 +728,12 @@ def _sibling(path: str, entry: dict[str, Any], with_blobs: bool) -> dict[str, An
     if not with_blobs:
         return {"rfilename": path}
     lfs = entry["lfs"]
-    return {"rfilename": path, "size": entry["size"], "blobId": entry["oid"],
-            **({"lfs": {"size": lfs["size"], "sha256": lfs["oid"], "pointerSize": lfs["pointerSize"]}} if lfs else {})}
+    return {
+        "rfilename": path,
+        "size": entry["size"],
+        "blobId": entry["oid"],
+        **({"lfs": {"size": lfs["size"], "sha256": lfs["oid"], "pointerSize": lfs["pointerSize"]}} if lfs else {}),
+    }
 
 
 class StorageHandler(BaseHandler):
@@ -698,7 +778,7 @@ class AppServer(ThreadingHTTPServer):
 
 def parse_token(spec: str) -> tuple[str, Account]:
     """``TOKEN[:USER[:ROLE]]`` -> (token, account)."""
-    token, user, role = (spec.split(":") + ["", ""])[:3]
+    token, user, role = ([*spec.split(":"), "", ""])[:3]
     if role not in ("", "read", "write"):
         raise argparse.ArgumentTypeError(f"--token {spec}: ROLE must be read or write")
     return token, Account(user or "user", role != "read")

@@ -144,9 +144,9 @@ def test_killed_runs_leave_complete_or_no_output(tmp_path: Path) -> None:
     for run in runs:
         assert run.proc is not None
         out = tmp_path / run.name
-        stdout, stderr = outputs[run.name]
+        _stdout, stderr = outputs[run.name]
         context = f"{run.name}: {summary[run.name]} {why}\nstderr: {stderr[-1500:]}"
-        assert "Traceback" not in stderr or run.sig == signal.SIGINT and not run.saw_tmp, context
+        assert "Traceback" not in stderr or (run.sig == signal.SIGINT and not run.saw_tmp), context
         if run.sig == signal.SIGKILL:
             assert run.proc.returncode in (0, -signal.SIGKILL), context
         else:  # SIGINT: handled as an interruption (130) unless the run had already finished
@@ -181,17 +181,15 @@ def test_killed_runs_leave_complete_or_no_output(tmp_path: Path) -> None:
 
 def test_failure_inside_leaves_nothing_not_even_created_parents(tmp_path: Path) -> None:
     final = tmp_path / "a" / "b" / "out"
-    with pytest.raises(RuntimeError):
-        with AtomicOutputDir(final) as tmp:
-            write_json(tmp / "x.json", {"x": 1})
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), AtomicOutputDir(final) as tmp:
+        write_json(tmp / "x.json", {"x": 1})
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_os_error_while_writing_becomes_output_error(tmp_path: Path) -> None:
-    with pytest.raises(OutputError, match="could not finish writing"):
-        with AtomicOutputDir(tmp_path / "out") as tmp:
-            (tmp / "missing" / "x").write_text("x")  # FileNotFoundError
+    with pytest.raises(OutputError, match="could not finish writing"), AtomicOutputDir(tmp_path / "out") as tmp:
+        (tmp / "missing" / "x").write_text("x")  # FileNotFoundError
     assert list(tmp_path.iterdir()) == []
 
 
@@ -199,10 +197,9 @@ def test_overwrite_swaps_atomically_and_keeps_old_on_failure(tmp_path: Path) -> 
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with AtomicOutputDir(final, overwrite=True) as tmp:
-            (tmp / "new.txt").write_text("new")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), AtomicOutputDir(final, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise KeyboardInterrupt
     assert [p.name for p in final.iterdir()] == ["old.txt"] and len(list(tmp_path.iterdir())) == 1
     with AtomicOutputDir(final, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")

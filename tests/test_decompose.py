@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -97,7 +98,7 @@ def test_sign_alignment_makes_trajectories_smooth() -> None:
             item.u.neg_()
             item.v.neg_()
     aligned = align_signs(seq)
-    for prev, cur in zip(aligned, aligned[1:]):
+    for prev, cur in itertools.pairwise(aligned):
         assert float(prev.u[0] @ cur.u[0]) > 0.99 and float(prev.v[0] @ cur.v[0]) > 0.99
 
 

@@ -14,8 +14,13 @@ EXAMPLES = REPO / "examples"
 
 
 def test_python_api_example(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "python_api.py"), "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "python_api.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "best predictor: power" in proc.stdout and (tmp_path / "extrapolated" / "adapter_model.safetensors").is_file()
     manifest = json.loads((tmp_path / "extrapolated" / "nextoffline.json").read_text())
@@ -27,8 +32,13 @@ def test_tiny_grpo_addition_quick(tmp_path: Path) -> None:
     """SFT -> TRL GRPO + LoRA -> eval-scored resumable sweep -> two resumed runs (about a minute on 2 cores)."""
     pytest.importorskip("trl")
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "tiny_grpo_addition" / "run.py"), "--quick", "--workdir", str(work)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tiny_grpo_addition" / "run.py"), "--quick", "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((work / "results.json").read_text())
     (seed,) = results["seeds"]

@@ -56,7 +56,9 @@ def test_linear_law_is_extrapolated_exactly(tmp_path: Path, linear_run: Path) ->
 def test_nonlinear_law_auto_beats_linear(tmp_path: Path, sqrt_run: Path) -> None:
     errors = {}
     for method in ("linear", "auto"):
-        code, out = run_cli("extrapolate", sqrt_run, "--to-step", "120", "--method", method, "--out", tmp_path / method, "--next-epochs", "50")
+        code, out = run_cli(
+            "extrapolate", sqrt_run, "--to-step", "120", "--method", method, "--out", tmp_path / method, "--next-epochs", "50"
+        )
         assert code == 0, out
         pred = effective(load_file(tmp_path / method / "adapter_model.safetensors"), 8 / 4)
         errors[method] = relative_error(pred, truth_at(120, "sqrt"))
@@ -76,7 +78,9 @@ def test_coef_zero_returns_latest_adapter(tmp_path: Path, dtype: torch.dtype) ->
     for key in latest:
         assert written[key].shape == latest[key].shape and written[key].dtype == latest[key].dtype
     assert relative_error(effective(written, 2.0), effective(latest, 2.0)) <= 1e-6
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads((run / "step_80" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text()) == json.loads(
+        (run / "step_80" / "adapter_config.json").read_text()
+    )
 
 
 def test_single_target_writes_one_adapter_and_never_touches_source(tmp_path: Path, sqrt_run: Path) -> None:
@@ -101,8 +105,9 @@ def test_output_loads_with_peft(tmp_path: Path, tiny_llama_dir: Path) -> None:
 
     run = make_trajectory(tmp_path / "run", law="sqrt", noise=0.05)
     for policy in ("keep", "grow"):
-        code, out = run_cli("extrapolate", run, "--coef", "1", "--method", "next", "--next-epochs", "5", "--rank-policy", policy,
-                            "--out", tmp_path / policy)
+        code, out = run_cli(
+            "extrapolate", run, "--coef", "1", "--method", "next", "--next-epochs", "5", "--rank-policy", policy, "--out", tmp_path / policy
+        )
         assert code == 0, out
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / policy)
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -205,13 +210,16 @@ def _mismatch_rank(run: Path) -> None:
     write_synthetic_trajectory(run, SyntheticSpec(steps=[20], rank=2, alpha=4.0))
 
 
-@pytest.mark.parametrize("case, prepare, needle", [
-    ("missing", None, "does not exist"),
-    ("empty", lambda run: None, "no checkpoints found"),
-    ("two_steps", lambda run: write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20])), "at least 3"),
-    ("rank_mismatch", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 30, 40])), _mismatch_rank(run)), "differs"),
-    ("dora", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20, 30])), _dora(run)), "DoRA"),
-])
+@pytest.mark.parametrize(
+    "case, prepare, needle",
+    [
+        ("missing", None, "does not exist"),
+        ("empty", lambda run: None, "no checkpoints found"),
+        ("two_steps", lambda run: write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20])), "at least 3"),
+        ("rank_mismatch", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 30, 40])), _mismatch_rank(run)), "differs"),
+        ("dora", lambda run: (write_synthetic_trajectory(run, SyntheticSpec(steps=[10, 20, 30])), _dora(run)), "DoRA"),
+    ],
+)
 def test_bad_sources_give_one_line_errors(tmp_path: Path, case: str, prepare, needle: str) -> None:
     run = tmp_path / "run"
     if prepare is not None:
@@ -255,9 +263,13 @@ def test_next_training_in_slices_matches_the_full_batch(monkeypatch: pytest.Monk
 
     gen = torch.Generator().manual_seed(3)
     k, n_mod, m, n, r = 7, 3, 24, 16, 2
-    chunk = FactorChunk([f"m{i}" for i in range(n_mod)], torch.arange(k, dtype=torch.float64) * 10,
-                        torch.randn(k, n_mod, m, r, generator=gen).cumsum(0), torch.randn(k, n_mod, r, n, generator=gen).cumsum(0),
-                        torch.full((n_mod,), 2.0))
+    chunk = FactorChunk(
+        [f"m{i}" for i in range(n_mod)],
+        torch.arange(k, dtype=torch.float64) * 10,
+        torch.randn(k, n_mod, m, r, generator=gen).cumsum(0),
+        torch.randn(k, n_mod, r, n, generator=gen).cumsum(0),
+        torch.full((n_mod,), 2.0),
+    )
     predictions = []
     for activation_bytes in (2**30, 4 * 16 * 3):  # one slice; slices of 3 rows at d = 16 (many at d = 24)
         monkeypatch.setattr(next_module, "ACTIVATION_BYTES", activation_bytes)
@@ -336,8 +348,13 @@ def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
 
     gen = torch.Generator().manual_seed(4)
     k, n_mod, m, n, r = 6, 2, 20, 12, 3
-    chunk = FactorChunk(["x", "y"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen),
-                        torch.randn(k, n_mod, r, n, generator=gen), torch.tensor([2.0, 0.5]))
+    chunk = FactorChunk(
+        ["x", "y"],
+        torch.arange(k, dtype=torch.float64),
+        torch.randn(k, n_mod, m, r, generator=gen),
+        torch.randn(k, n_mod, r, n, generator=gen),
+        torch.tensor([2.0, 0.5]),
+    )
     alone = FactorChunk(chunk.names, chunk.steps, chunk.b, chunk.a, chunk.scaling)  # its own (empty) memo
     direct = {steps: window_grams(alone.select_steps(list(steps))) for steps in [(1, 2, 3), (0, 2, 5)]}
     assert window_grams(alone.select_steps([1, 2, 3])) is direct[(1, 2, 3)]  # memoised per window
@@ -362,8 +379,13 @@ def test_next_announces_long_training(monkeypatch: pytest.MonkeyPatch, caplog: p
 
     gen = torch.Generator().manual_seed(8)
     k, n_mod, m, n, r = 5, 2, 12, 10, 2
-    chunk = FactorChunk(["p", "q"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen).cumsum(0),
-                        torch.randn(k, n_mod, r, n, generator=gen).cumsum(0), torch.full((n_mod,), 2.0))
+    chunk = FactorChunk(
+        ["p", "q"],
+        torch.arange(k, dtype=torch.float64),
+        torch.randn(k, n_mod, m, r, generator=gen).cumsum(0),
+        torch.randn(k, n_mod, r, n, generator=gen).cumsum(0),
+        torch.full((n_mod,), 2.0),
+    )
     for threshold, announced in ((1e9, False), (0.0, True)):
         monkeypatch.setattr(next_module, "LONG_TRAINING_S", threshold)
         caplog.clear()

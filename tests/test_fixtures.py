@@ -21,4 +21,3 @@ def test_synthetic_fixture_layout() -> None:
     assert trajectory.format_name == "peft" and trajectory.step_numbers == list(range(10, 90, 10))
     assert len(trajectory.modules) == 14 and {m.rank for m in trajectory.modules} == {4}
     assert trajectory.modules[0].scaling == 2.0
-

@@ -122,8 +122,11 @@ def test_resumable_replaces_lora_in_module_and_fp32_masters(tmp_path: Path) -> N
             pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
             assert archive.read(pickle_name) == original.read(pickle_name)
     changed = {k for k, v in tree_hashes(out).items() if before[k] != v}
-    assert changed == {"_actor/global_step8/mp_rank_00_model_states.pt", *(f"_actor/global_step8/{n}" for n in OPTIM),
-                       "global_step8_hf/adapter_model.safetensors"}
+    assert changed == {
+        "_actor/global_step8/mp_rank_00_model_states.pt",
+        *(f"_actor/global_step8/{n}" for n in OPTIM),
+        "global_step8_hf/adapter_model.safetensors",
+    }
     hf = load_file(out / "global_step8_hf" / "adapter_model.safetensors")
     assert all(torch.equal(hf[k], new[k]) and hf[k].dtype == torch.bfloat16 for k in new)
 
@@ -143,7 +146,9 @@ def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     shutil.copytree(RUN, run)
     shutil.rmtree(run / "_actor" / "global_step8")
     latest = FMT.list_steps(run)[-1]
-    wrong = {k: torch.zeros(5, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 5) for k, v in load_file(latest.weights_file).items()}
+    wrong = {
+        k: torch.zeros(5, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 5) for k, v in load_file(latest.weights_file).items()
+    }
     (tmp_path / "out").mkdir()
     with pytest.raises(AdapterFileError, match="no DeepSpeed checkpoint for step 8"):
         FMT.write_resumable(latest, adapter_folder(tmp_path / "adapter", wrong), tmp_path / "out")
@@ -178,4 +183,3 @@ def test_deepspeed_resume_loads_the_new_weights(tmp_path: Path) -> None:
     script = FIXTURES / "make_trainer_fixtures.py"
     subprocess.run([sys.executable, str(script), "check-openrlhf", str(out), str(expected)], check=True, timeout=600, cwd=REPO, env=env)
     assert json.loads(expected.with_suffix(".json").read_text()) == {"module": True, "master": True, "step": 8}
-

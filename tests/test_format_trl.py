@@ -20,7 +20,9 @@ TRAINER_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_stat
 
 def make_trl_run(root: Path, steps=(2, 4, 6, 8)) -> Path:
     """Step folders as transformers.Trainer writes them around a PEFT adapter."""
-    write_synthetic_trajectory(root, SyntheticSpec(steps=list(steps), law="sqrt", noise=0.02, dtype=torch.bfloat16), dir_pattern="checkpoint-{step}")
+    write_synthetic_trajectory(
+        root, SyntheticSpec(steps=list(steps), law="sqrt", noise=0.02, dtype=torch.bfloat16), dir_pattern="checkpoint-{step}"
+    )
     for step in steps:
         ckpt = root / f"checkpoint-{step}"
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": [], "max_steps": 20}))
@@ -41,12 +43,14 @@ def test_trl_layout_is_detected_over_plain_peft(tmp_path: Path) -> None:
 def test_resumable_round_trip_with_coefficient_zero(tmp_path: Path) -> None:
     run = make_trl_run(tmp_path / "run")
     before = tree_hashes(run)
-    result = CliRunner().invoke(main, ["extrapolate", str(run), "--coef", "0", "--method", "linear", "--out", str(tmp_path / "out"), "--resumable", "-q"])
+    result = CliRunner().invoke(
+        main, ["extrapolate", str(run), "--coef", "0", "--method", "linear", "--out", str(tmp_path / "out"), "--resumable", "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert tree_hashes(run) == before
     resumed = tmp_path / "out" / "resume" / "checkpoint-8"
     assert "trainer.train(resume_from_checkpoint=" in result.stdout and str(resumed) in result.stdout
-    for name in TRAINER_FILES + ("adapter_config.json",):
+    for name in (*TRAINER_FILES, "adapter_config.json"):
         assert (resumed / name).read_bytes() == (run / "checkpoint-8" / name).read_bytes(), name
     written, original = load_file(resumed / "adapter_model.safetensors"), load_file(run / "checkpoint-8" / "adapter_model.safetensors")
     assert written.keys() == original.keys()
@@ -59,7 +63,9 @@ def test_resumable_round_trip_with_coefficient_zero(tmp_path: Path) -> None:
 
 def test_resumable_with_update_changes_only_the_adapter(tmp_path: Path) -> None:
     run = make_trl_run(tmp_path / "run")
-    result = CliRunner().invoke(main, ["extrapolate", str(run), "--coef", "1", "--method", "power", "--out", str(tmp_path / "out"), "--resumable", "-q"])
+    result = CliRunner().invoke(
+        main, ["extrapolate", str(run), "--coef", "1", "--method", "power", "--out", str(tmp_path / "out"), "--resumable", "-q"]
+    )
     assert result.exit_code == 0, result.output
     resumed = tmp_path / "out" / "resume" / "checkpoint-8"
     assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in (run / "checkpoint-8").iterdir())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights_only loading)
+import torch.distributed.tensor
 from safetensors.torch import load_file, save_file
 
 from nextoffline.errors import AdapterConfigError, AdapterFileError, IncompatibleCheckpointsError
@@ -167,7 +167,9 @@ def test_save_lora_only_shards(tmp_path: Path) -> None:
 
 def test_resumable_rejects_another_rank(tmp_path: Path) -> None:
     latest = FMT.list_steps(LEGACY)[-1]
-    wrong = {k: torch.zeros(5, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 5) for k, v in load_file(latest.weights_file).items()}
+    wrong = {
+        k: torch.zeros(5, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 5) for k, v in load_file(latest.weights_file).items()
+    }
     out = tmp_path / "resume"
     out.mkdir()
     with pytest.raises(IncompatibleCheckpointsError, match="rank"):
@@ -210,7 +212,11 @@ def test_fsdp2_resume_loads_the_new_weights(tmp_path: Path) -> None:
     save_file(new, str(expected))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     script = FIXTURES / "make_trainer_fixtures.py"
-    subprocess.run([sys.executable, str(script), "check-verl", str(out / "global_step_8" / "actor"), str(expected), "3"],
-                   check=True, timeout=300, cwd=REPO, env=env)
+    subprocess.run(
+        [sys.executable, str(script), "check-verl", str(out / "global_step_8" / "actor"), str(expected), "3"],
+        check=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     assert json.loads(expected.with_suffix(".json").read_text()) == {"ok": True, "steps": [8]}
-

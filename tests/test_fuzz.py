@@ -29,12 +29,26 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from nextoffline.cli import main
-from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory, tiny_modules
+from nextoffline.synthetic import SyntheticSpec, tiny_modules, write_synthetic_trajectory
 
 FUZZ_MODULES = [("model.layers.0.self_attn.q_proj", 8, 8), ("model.layers.0.mlp.up_proj", 12, 8)]
 FUZZ_STEPS = (10, 20, 30)
-CONFIG_FIELDS = ["r", "lora_alpha", "peft_type", "target_modules", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
-                 "use_dora", "lora_bias", "bias", "modules_to_save", "task_type", "layers_to_transform"]
+CONFIG_FIELDS = [
+    "r",
+    "lora_alpha",
+    "peft_type",
+    "target_modules",
+    "use_rslora",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "lora_bias",
+    "bias",
+    "modules_to_save",
+    "task_type",
+    "layers_to_transform",
+]
 DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "Q4", "", 3, None]
 
 
@@ -71,11 +85,15 @@ mutations = st.one_of(
     st.tuples(st.just("flip_exponent"), steps, fractions, st.integers(1, 255)),  # the high byte of an fp32: NaN, Inf, 1e30, 1e-30
     st.tuples(st.just("header_shape"), steps, st.integers(0, 3), st.lists(st.integers(0, 40), max_size=4)),
     st.tuples(st.just("header_dtype"), steps, st.integers(0, 3), st.sampled_from(DTYPES)),
-    st.tuples(st.just("header_offsets"), steps, st.integers(0, 3), st.lists(st.one_of(st.integers(-4, 2000), st.text(max_size=2)), max_size=3)),
+    st.tuples(
+        st.just("header_offsets"), steps, st.integers(0, 3), st.lists(st.one_of(st.integers(-4, 2000), st.text(max_size=2)), max_size=3)
+    ),
     st.tuples(st.just("drop_tensor"), steps, st.integers(0, 3)),
     st.tuples(st.just("config_drop"), st.one_of(steps, st.just(0)), st.sampled_from(CONFIG_FIELDS)),
     st.tuples(st.just("config_set"), st.one_of(steps, st.just(0)), st.sampled_from(CONFIG_FIELDS), json_values),
-    st.tuples(st.just("config_text"), steps, st.sampled_from(['{"r": 2,', "", "null", "[]", '{"r": 2}', "\udcff", '{"peft_type": "LORA"} x'])),
+    st.tuples(
+        st.just("config_text"), steps, st.sampled_from(['{"r": 2,', "", "null", "[]", '{"r": 2}', "\udcff", '{"peft_type": "LORA"} x'])
+    ),
 )
 
 
@@ -161,8 +179,13 @@ def check_contract(result: Any, ws: Path, expected_paths: list[str], out: Path, 
     assert _paths(ws) == expected_paths, "a failed run left files behind"
 
 
-@settings(max_examples=int(os.environ.get("NEXTOFFLINE_FUZZ_EXAMPLES", "40")), deadline=None, database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("NEXTOFFLINE_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
 @given(batch=st.lists(mutations, min_size=1, max_size=2), command=st.sampled_from(["extrapolate", "extrapolate", "inspect"]))
 def test_fuzzed_inputs_fail_cleanly_or_succeed(template: Path, batch: list[tuple], command: str) -> None:
     with tempfile.TemporaryDirectory(prefix="nextoffline-fuzz-") as tmp:

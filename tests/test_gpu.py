@@ -47,7 +47,7 @@ def test_top_triplet_parity(m: int, n: int, k: int) -> None:
     gpu = top_triplet(left.to(DEVICE), right.to(DEVICE))
     assert gpu.u.device.type == DEVICE.type
     assert_same_triplets(cpu, gpu)
-    u, s, vh = torch.linalg.svd(left.double() @ right.double())
+    _u, s, _vh = torch.linalg.svd(left.double() @ right.double())
     assert torch.allclose(gpu.sigma.cpu().double(), s[:, 0], rtol=SIGMA_RTOL)
 
 
@@ -119,13 +119,15 @@ def test_extrapolate_parity(tmp_path: Path, method: str, rtol: float) -> None:
     for device in (torch.device("cpu"), DEVICE):
         settings = RunSettings(device=device, progress=False, next_options=options)
         results[device.type if device.type != "cpu" or not results else "cpu-ref"] = extrapolate(
-            trajectory, settings, method=method, coefs=[1.0])
+            trajectory, settings, method=method, coefs=[1.0]
+        )
     ref, other = results["cpu-ref"], results[next(k for k in results if k != "cpu-ref")]
     scaling = spec.alpha / spec.rank
     num = den = 0.0
     for module in trajectory.modules:
-        dense = [scaling * r.candidates[0].tensors[module.b_key].double() @ r.candidates[0].tensors[module.a_key].double()
-                 for r in (ref, other)]
+        dense = [
+            scaling * r.candidates[0].tensors[module.b_key].double() @ r.candidates[0].tensors[module.a_key].double() for r in (ref, other)
+        ]
         num += float((dense[0] - dense[1]).square().sum())
         den += float(dense[0].square().sum())
         assert other.candidates[0].tensors[module.b_key].device.type == "cpu"  # outputs come back to the CPU

@@ -32,8 +32,14 @@ def write_adapter(folder: Path, seed: int, *, rank: int = 4, width: int = 16) ->
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, rank, generator=generator)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
-              "task_type": "CAUSAL_LM", "base_model_name_or_path": "tiny-llama"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj", "v_proj"],
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "tiny-llama",
+    }
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
@@ -75,8 +81,7 @@ def branch_repo(tmp_path, hub_env, repo_id) -> tuple[str, Path]:
     """A repo with one ``step_N`` branch per step (pushed with ``push_folder``); returns it and the local steps."""
     local = tmp_path / "steps"
     for step in STEPS:
-        push_folder(write_adapter(local / f"step_{step}", step), repo_id=repo_id, branch=f"step_{step}",
-                    token=hub_env.token)
+        push_folder(write_adapter(local / f"step_{step}", step), repo_id=repo_id, branch=f"step_{step}", token=hub_env.token)
     return repo_id, local
 
 
@@ -92,14 +97,17 @@ def folder_repo(tmp_path, hub_env, repo_id, api) -> tuple[str, Path]:
 # --------------------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("hf://me/run", HubSource("me/run")),
-    ("hf://me/run@v2", HubSource("me/run", "v2")),
-    ("hf://me/run@v2/runs/exp1", HubSource("me/run", "v2", "runs/exp1")),
-    ("hf://me/run/runs/exp1/", HubSource("me/run", None, "runs/exp1")),
-    ("hf://me/run@refs/pr/3/adapters", HubSource("me/run", "refs/pr/3", "adapters")),
-    ("hf://me/run@exp%2Fv2/adapters", HubSource("me/run", "exp/v2", "adapters")),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("hf://me/run", HubSource("me/run")),
+        ("hf://me/run@v2", HubSource("me/run", "v2")),
+        ("hf://me/run@v2/runs/exp1", HubSource("me/run", "v2", "runs/exp1")),
+        ("hf://me/run/runs/exp1/", HubSource("me/run", None, "runs/exp1")),
+        ("hf://me/run@refs/pr/3/adapters", HubSource("me/run", "refs/pr/3", "adapters")),
+        ("hf://me/run@exp%2Fv2/adapters", HubSource("me/run", "exp/v2", "adapters")),
+    ],
+)
 def test_parse_hub_source(spec, expected):
     assert is_hub_source(spec)
     assert parse_hub_source(spec) == expected
@@ -238,7 +246,7 @@ def test_push_folder_round_trips(tmp_path, hub_env, repo_id):
     assert url == f"{hub_env.endpoint}/{repo_id}/tree/main"
     snapshot = Path(snapshot_download(repo_id, token=hub_env.token))
     assert {k: v for k, v in digests(snapshot).items() if k != ".gitattributes"} == digests(folder)
-    assert [c.title for c in HfApi(token=hub_env.token).list_repo_commits(repo_id)][0] == "extrapolated adapter"
+    assert next(c.title for c in HfApi(token=hub_env.token).list_repo_commits(repo_id)) == "extrapolated adapter"
 
 
 def test_push_folder_to_a_new_branch_of_a_private_repo(tmp_path, hub_env, repo_id):

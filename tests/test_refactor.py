@@ -34,7 +34,7 @@ def _oracle(b, a, scaling, update, r):
 def test_keep_rank_is_the_best_rank_r_approximation(p: int) -> None:
     r = 8
     b, a, scaling, update = _case(p, n_mod=3, m=70, n=50, r=r, p=p, update_scale=0.05)
-    dense, best, sv = _oracle(b, a, scaling, update, r)
+    _dense, best, sv = _oracle(b, a, scaling, update, r)
     result = refactor_keep_rank(b, a, scaling, update)
     ours = scaling.reshape(-1, 1, 1) * result.b @ result.a
     assert result.b.shape == b.shape and result.a.shape == a.shape
@@ -73,9 +73,13 @@ def test_window_update_works_block_by_block_like_its_stacked_factors() -> None:
     """The RELEX update never stacks its factors; every operation matches the stacked form."""
     gen = torch.Generator().manual_seed(5)
     k, n_mod, m, n, r = 5, 3, 40, 30, 4
-    chunk = FactorChunk([f"m{i}" for i in range(n_mod)], torch.arange(k, dtype=torch.float64),
-                        torch.randn(k, n_mod, m, r, generator=gen, dtype=torch.float64),
-                        torch.randn(k, n_mod, r, n, generator=gen, dtype=torch.float64), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64))
+    chunk = FactorChunk(
+        [f"m{i}" for i in range(n_mod)],
+        torch.arange(k, dtype=torch.float64),
+        torch.randn(k, n_mod, m, r, generator=gen, dtype=torch.float64),
+        torch.randn(k, n_mod, r, n, generator=gen, dtype=torch.float64),
+        torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64),
+    )
     weights = torch.randn(n_mod, k, generator=gen, dtype=torch.float64)
     structured = WindowUpdate(chunk, weights, window_grams(chunk))
     stacked = FactoredUpdate(structured.left, structured.right)
@@ -100,8 +104,13 @@ def test_window_update_folds_the_latest_factors_into_the_window() -> None:
     """``s B A + D`` re-uses the window's blocks (width W r) when B, A are the window's last."""
     gen = torch.Generator().manual_seed(6)
     k, n_mod, m, n, r = 4, 2, 30, 20, 3
-    chunk = FactorChunk(["x", "y"], torch.arange(k, dtype=torch.float64), torch.randn(k, n_mod, m, r, generator=gen, dtype=torch.float64),
-                        torch.randn(k, n_mod, r, n, generator=gen, dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64))
+    chunk = FactorChunk(
+        ["x", "y"],
+        torch.arange(k, dtype=torch.float64),
+        torch.randn(k, n_mod, m, r, generator=gen, dtype=torch.float64),
+        torch.randn(k, n_mod, r, n, generator=gen, dtype=torch.float64),
+        torch.tensor([2.0, 0.5], dtype=torch.float64),
+    )
     update = WindowUpdate(chunk, torch.randn(n_mod, k, generator=gen, dtype=torch.float64), window_grams(chunk))
     total, latest = update.plus_latest(chunk.b[-1], chunk.a[-1], chunk.scaling)
     assert isinstance(total, WindowUpdate) and latest == slice((k - 1) * r, k * r)

@@ -46,8 +46,21 @@ def markdown_images(markdown: str) -> list[str]:
 @pytest.fixture
 def scored_sweep(tmp_path: Path, sqrt_run: Path) -> Path:
     out = tmp_path / "sweep"
-    result = run_cli("extrapolate", sqrt_run, "--coef", "1,2", "--to-step", "100", "--method", "power", "--out", out,
-                     "--eval-cmd", 'echo "score $(echo "$NEXTOFFLINE_COEF" | cut -c1-3)" # {adapter}', "-q")
+    result = run_cli(
+        "extrapolate",
+        sqrt_run,
+        "--coef",
+        "1,2",
+        "--to-step",
+        "100",
+        "--method",
+        "power",
+        "--out",
+        out,
+        "--eval-cmd",
+        'echo "score $(echo "$NEXTOFFLINE_COEF" | cut -c1-3)" # {adapter}',
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -89,7 +102,9 @@ def test_report_of_a_plain_sweep_lists_its_candidates(tmp_path: Path, linear_run
     sweep = tmp_path / "sweep"
     assert run_cli("extrapolate", linear_run, "--coef", "0.5,1", "--method", "linear", "--out", sweep, "-q").exit_code == 0
     out = tmp_path / "report"
-    result = run_cli("report", linear_run, "--out", out, "--extrapolation", sweep, "--methods", "linear", "--backtest-methods", "linear", "-q")
+    result = run_cli(
+        "report", linear_run, "--out", out, "--extrapolation", sweep, "--methods", "linear", "--backtest-methods", "linear", "-q"
+    )
     assert result.exit_code == 0, result.output
     markdown = (out / "report.md").read_text()
     assert "| `coef_0.5` |" in markdown and "| `coef_1` |" in markdown and not (out / "candidates.png").exists()
@@ -109,7 +124,9 @@ def test_curves_on_a_linear_law(tmp_path: Path) -> None:
         linear = torch.tensor(curve.predictions["linear"], dtype=torch.float64)
         torch.testing.assert_close(linear, coefficients[-1].double() * grid.double() / 80, rtol=1e-6, atol=1e-6)  # exact on a linear law
         nxt = curve.predictions["next"]
-        assert all(v is None for v, s in zip(nxt, curve.grid) if s < 80) and nxt[curve.grid.index(80.0)] == pytest.approx(curve.coefficients[-1])
+        assert all(v is None for v, s in zip(nxt, curve.grid) if s < 80) and nxt[curve.grid.index(80.0)] == pytest.approx(
+            curve.coefficients[-1]
+        )
     for series in data.all_normalised:
         assert series[-1] == pytest.approx(1.0) and series[0] == pytest.approx(10 / 80, rel=1e-6)
     assert data.backtest is not None and data.backtest.errors["linear"] < 1e-6
@@ -148,4 +165,3 @@ def test_report_refuses_unsafe_outputs(tmp_path: Path, linear_run: Path) -> None
 def test_report_help() -> None:
     result = run_cli("report", "--help")
     assert result.exit_code == 0 and "--extrapolation" in result.output
-

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from nextoffline.cli import main
 from nextoffline.errors import UsageError
-from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory
 from nextoffline.sweep import EvalSpec, best_index, parse_score
+from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory
 from tests.conftest import make_trajectory
 
 MODULE = "model.layers.0.self_attn.q_proj"
@@ -88,8 +88,20 @@ BEST_COEF, BEST_STEP = 2.0, 140
 
 def test_eval_sweep_selects_the_best_and_scores_the_reference(tmp_path: Path, linear_run: Path, evaluator: Path) -> None:
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", COEFS, "--method", "linear", "--out", out,
-                         "--eval-cmd", eval_cmd(evaluator, norm_at(BEST_STEP)), "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        COEFS,
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--eval-cmd",
+        eval_cmd(evaluator, norm_at(BEST_STEP)),
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     summary = json.loads(text)
     assert summary["selected"]["coef"] == BEST_COEF and summary["selected"]["label"] == "coef_2"
@@ -116,20 +128,46 @@ def test_eval_sweep_selects_the_best_and_scores_the_reference(tmp_path: Path, li
 
 def test_lower_is_better_flips_the_choice(tmp_path: Path, linear_run: Path, evaluator: Path) -> None:
     command = eval_cmd(evaluator, norm_at(BEST_STEP), mode="distance")
-    code, text = run_cli("extrapolate", linear_run, "--coef", COEFS, "--method", "linear", "--out", tmp_path / "low",
-                         "--eval-cmd", command, "--eval-lower-is-better", "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        COEFS,
+        "--method",
+        "linear",
+        "--out",
+        tmp_path / "low",
+        "--eval-cmd",
+        command,
+        "--eval-lower-is-better",
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     assert json.loads(text)["selected"]["coef"] == BEST_COEF
     # the same distances read as "higher is better" pick the farthest candidate: coefficient 0
-    code, text = run_cli("extrapolate", linear_run, "--coef", COEFS, "--method", "linear", "--out", tmp_path / "high",
-                         "--eval-cmd", command, "--json", "-q")
+    code, text = run_cli(
+        "extrapolate", linear_run, "--coef", COEFS, "--method", "linear", "--out", tmp_path / "high", "--eval-cmd", command, "--json", "-q"
+    )
     assert code == 0, text
     assert json.loads(text)["selected"]["coef"] == 0.0
 
 
 def test_to_step_list_is_swept_with_the_reference(tmp_path: Path, linear_run: Path, evaluator: Path) -> None:
-    code, text = run_cli("extrapolate", linear_run, "--to-step", "100,125,150", "--method", "linear", "--out", tmp_path / "out",
-                         "--eval-cmd", eval_cmd(evaluator, norm_at(125)), "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--to-step",
+        "100,125,150",
+        "--method",
+        "linear",
+        "--out",
+        tmp_path / "out",
+        "--eval-cmd",
+        eval_cmd(evaluator, norm_at(125)),
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     summary = json.loads(text)
     assert [c["label"] for c in summary["candidates"]] == ["coef_0", "step_100", "step_125", "step_150"]
@@ -139,8 +177,20 @@ def test_to_step_list_is_swept_with_the_reference(tmp_path: Path, linear_run: Pa
 
 
 def test_tie_keeps_the_latest_checkpoint_and_says_so(tmp_path: Path, linear_run: Path) -> None:
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1,2", "--method", "linear", "--out", tmp_path / "out",
-                         "--eval-cmd", "echo 0.5 # {adapter}", "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        "1,2",
+        "--method",
+        "linear",
+        "--out",
+        tmp_path / "out",
+        "--eval-cmd",
+        "echo 0.5 # {adapter}",
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     summary = json.loads(text)
     assert summary["selected"]["coef"] == 0 and "no extrapolation" in summary["note"]
@@ -152,8 +202,21 @@ def test_tie_keeps_the_latest_checkpoint_and_says_so(tmp_path: Path, linear_run:
 
 def test_keep_all_writes_every_candidate(tmp_path: Path, linear_run: Path, evaluator: Path) -> None:
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", COEFS, "--method", "linear", "--out", out,
-                         "--eval-cmd", eval_cmd(evaluator, norm_at(BEST_STEP)), "--keep-all", "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        COEFS,
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--eval-cmd",
+        eval_cmd(evaluator, norm_at(BEST_STEP)),
+        "--keep-all",
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     assert written_norm(out) == pytest.approx(norm_at(BEST_STEP), rel=1e-4)  # OUT is still the selected one
     others = sorted(p.name for p in (out / "candidates").iterdir())
@@ -165,13 +228,19 @@ def test_keep_all_writes_every_candidate(tmp_path: Path, linear_run: Path, evalu
         assert own["selected"]["coef"] == coef and own["selected"]["selected"] is False and len(own["candidates"]) == 4
     manifest = json.loads((out / "nextoffline.json").read_text())
     assert {c["label"]: c["adapter"] for c in manifest["candidates"]} == {
-        "coef_0": "candidates/coef_0", "coef_1": "candidates/coef_1", "coef_2": ".", "coef_3": "candidates/coef_3"}
+        "coef_0": "candidates/coef_0",
+        "coef_1": "candidates/coef_1",
+        "coef_2": ".",
+        "coef_3": "candidates/coef_3",
+    }
     assert all(c["written"] for c in json.loads(text)["candidates"])
 
 
 def test_sweep_without_eval_writes_one_folder_per_candidate(tmp_path: Path, linear_run: Path) -> None:
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", "0,1.5", "--to-step", "125", "--method", "linear", "--out", out, "--json", "-q")
+    code, text = run_cli(
+        "extrapolate", linear_run, "--coef", "0,1.5", "--to-step", "125", "--method", "linear", "--out", out, "--json", "-q"
+    )
     assert code == 0, text
     assert sorted(p.name for p in out.iterdir()) == ["coef_0", "coef_1.5", "step_125"]
     for name, step in (("coef_0", 80), ("coef_1.5", 125), ("step_125", 125)):
@@ -188,8 +257,21 @@ def test_resumable_sweep_writes_the_selected_candidate_in_the_trainer_layout(tmp
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
         (folder / "optimizer.pt").write_bytes(b"opt")
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", run, "--coef", COEFS, "--method", "linear", "--out", out, "--resumable",
-                         "--eval-cmd", eval_cmd(evaluator, norm_at(BEST_STEP)), "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        run,
+        "--coef",
+        COEFS,
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--resumable",
+        "--eval-cmd",
+        eval_cmd(evaluator, norm_at(BEST_STEP)),
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     summary = json.loads(text)
     assert summary["selected"]["coef"] == BEST_COEF and summary["resume"]["checkpoint_dir"].endswith("checkpoint-80")
@@ -200,8 +282,22 @@ def test_resumable_sweep_writes_the_selected_candidate_in_the_trainer_layout(tmp
 
 def test_unchanged_auto_result_is_evaluated_once(tmp_path: Path, evaluator: Path) -> None:
     run = make_trajectory(tmp_path / "run", law="constant", noise=0.5)
-    code, text = run_cli("extrapolate", run, "--coef", "1,2", "--method", "auto", "--next-epochs", "10", "--out", tmp_path / "out",
-                         "--eval-cmd", eval_cmd(evaluator, 1.0), "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        run,
+        "--coef",
+        "1,2",
+        "--method",
+        "auto",
+        "--next-epochs",
+        "10",
+        "--out",
+        tmp_path / "out",
+        "--eval-cmd",
+        eval_cmd(evaluator, 1.0),
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     summary = json.loads(text)
     assert summary["method"] == "none" and calls(evaluator) == ["coef_0"]
@@ -229,8 +325,19 @@ def test_failing_evaluator_gives_one_line_and_writes_nothing(tmp_path: Path, lin
     script = tmp_path / "bad.py"
     script.write_text("import sys\nprint('loading')\nprint('CUDA out of memory', file=sys.stderr)\nsys.exit(3)\n")
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", out,
-                         "--eval-cmd", f"{sys.executable} {script} {{adapter}}", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        "1",
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--eval-cmd",
+        f"{sys.executable} {script} {{adapter}}",
+        "-q",
+    )
     assert_failed(code, text, out, "exited with status 3", "coef_0", "CUDA out of memory", "log: ")
     log = log_path_of(text).read_text()
     assert "loading" in log and "CUDA out of memory" in log and "[exit 3" in log
@@ -238,20 +345,35 @@ def test_failing_evaluator_gives_one_line_and_writes_nothing(tmp_path: Path, lin
 
 def test_evaluator_printing_no_number(tmp_path: Path, linear_run: Path) -> None:
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", out,
-                         "--eval-cmd", "echo 0.3; echo done {adapter}", "-q")
+    code, text = run_cli(
+        "extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", out, "--eval-cmd", "echo 0.3; echo done {adapter}", "-q"
+    )
     assert_failed(code, text, out, "printed no number", "done", "log: ")
 
 
 def test_evaluator_timeout_kills_the_whole_command(tmp_path: Path, linear_run: Path) -> None:
     pid_file = tmp_path / "child.pid"
     script = tmp_path / "slow.py"
-    script.write_text(f"import subprocess, time\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\n"
-                      "time.sleep(60)\n")
+    script.write_text(
+        f"import subprocess, time\np = subprocess.Popen(['sleep', '60'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(60)\n"
+    )
     out = tmp_path / "out"
     started = time.monotonic()
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", out,
-                         "--eval-cmd", f"{sys.executable} {script} {{adapter}} && echo 1", "--eval-timeout", "2", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        "1",
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--eval-cmd",
+        f"{sys.executable} {script} {{adapter}} && echo 1",
+        "--eval-timeout",
+        "2",
+        "-q",
+    )
     assert time.monotonic() - started < 30
     assert_failed(code, text, out, "timed out after 2s", "--eval-timeout", "log: ")
     assert "timed out" in log_path_of(text).read_text()
@@ -271,8 +393,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_eval_command_needs_the_adapter_placeholder(tmp_path: Path, linear_run: Path) -> None:
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", tmp_path / "out",
-                         "--eval-cmd", "python eval.py", "-q")
+    code, text = run_cli(
+        "extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", tmp_path / "out", "--eval-cmd", "python eval.py", "-q"
+    )
     assert code != 0 and "{adapter}" in text and not (tmp_path / "out").exists()
     with pytest.raises(UsageError):
         EvalSpec("python eval.py")
@@ -288,8 +411,17 @@ def test_resumable_sweep_without_eval_is_refused_before_any_work(tmp_path: Path,
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("0.5\n", 0.5), ("loading\naccuracy: 0.73\n\n", 0.73), ("-1e-3", -0.001), ("12 of 20 correct\n0.6  \n", 0.6),
-     ("", None), ("done\n", None), ("nan\n", None), ("inf", None), ("0.5\ndone", None)],
+    [
+        ("0.5\n", 0.5),
+        ("loading\naccuracy: 0.73\n\n", 0.73),
+        ("-1e-3", -0.001),
+        ("12 of 20 correct\n0.6  \n", 0.6),
+        ("", None),
+        ("done\n", None),
+        ("nan\n", None),
+        ("inf", None),
+        ("0.5\ndone", None),
+    ],
 )
 def test_parse_score(text: str, expected: float | None) -> None:
     assert parse_score(text) == expected
@@ -304,9 +436,20 @@ def test_best_index_prefers_the_first_on_ties() -> None:
 
 def test_evaluator_environment(tmp_path: Path, linear_run: Path) -> None:
     out = tmp_path / "out"
-    code, text = run_cli("extrapolate", linear_run, "--coef", "1", "--method", "linear", "--out", out,
-                         "--eval-cmd", 'test "$NEXTOFFLINE_ADAPTER" = {adapter} && echo "$NEXTOFFLINE_CANDIDATE $NEXTOFFLINE_STEP $NEXTOFFLINE_COEF"',
-                         "--json", "-q")
+    code, text = run_cli(
+        "extrapolate",
+        linear_run,
+        "--coef",
+        "1",
+        "--method",
+        "linear",
+        "--out",
+        out,
+        "--eval-cmd",
+        'test "$NEXTOFFLINE_ADAPTER" = {adapter} && echo "$NEXTOFFLINE_CANDIDATE $NEXTOFFLINE_STEP $NEXTOFFLINE_COEF"',
+        "--json",
+        "-q",
+    )
     assert code == 0, text
     assert [c["score"] for c in json.loads(text)["candidates"]] == [0.0, 1.0]
     assert "coef_1 110 1" in (out / "eval_logs" / "coef_1.log").read_text()

@@ -45,15 +45,18 @@ def test_trl_resumes_from_extrapolated_checkpoint(tmp_path: Path) -> None:
     before = tree_hashes(run)
 
     out = tmp_path / "next"
-    result = CliRunner().invoke(main, ["extrapolate", str(run), "--coef", "1", "--method", "linear", "--out", str(out), "--resumable", "-q"])
+    result = CliRunner().invoke(
+        main, ["extrapolate", str(run), "--coef", "1", "--method", "linear", "--out", str(out), "--resumable", "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert tree_hashes(run) == before
     checkpoint = out / "resume" / "checkpoint-4"
     assert f"resume_from_checkpoint={str(checkpoint)!r}" in result.stdout
 
     capture = CaptureStart()
-    trainer = run_tiny_grpo(tmp_path / "resumed", base_dir=base, max_steps=6, save_steps=1,
-                            resume_from_checkpoint=str(checkpoint), callbacks=[capture])
+    trainer = run_tiny_grpo(
+        tmp_path / "resumed", base_dir=base, max_steps=6, save_steps=1, resume_from_checkpoint=str(checkpoint), callbacks=[capture]
+    )
     extrapolated = load_file(out / "adapter_model.safetensors")
     last_real = load_file(run / "checkpoint-4" / "adapter_model.safetensors")
     assert capture.start_step == 4 and trainer.state.global_step == 6

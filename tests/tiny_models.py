@@ -6,8 +6,9 @@ Used by the test suite, ``fixtures/make_trl_grpo_fixture.py`` and the examples.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -42,9 +43,17 @@ def build_tiny_causal_lm(tokenizer, *, seed: int = 0, hidden_size: int = 32, num
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
 
@@ -110,16 +119,39 @@ def run_tiny_grpo(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = GRPOConfig(
-        output_dir=str(output_dir), max_steps=max_steps, save_steps=save_steps, save_strategy="steps", save_only_model=False,
-        per_device_train_batch_size=8, num_generations=8, max_completion_length=3, learning_rate=learning_rate,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=save_steps,
+        save_strategy="steps",
+        save_only_model=False,
+        per_device_train_batch_size=8,
+        num_generations=8,
+        max_completion_length=3,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
-        logging_steps=1, report_to=[], use_cpu=True, seed=seed, data_seed=seed, beta=0.0, temperature=1.0,
-        bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, save_total_limit=None,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        beta=0.0,
+        temperature=1.0,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_total_limit=None,
     )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=addition_reward, args=config, train_dataset=Dataset.from_list(addition_prompts(64, seed=seed)),
-        processing_class=tokenizer, callbacks=list(callbacks),
-        peft_config=LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules), task_type="CAUSAL_LM"),
+        model=model,
+        reward_funcs=addition_reward,
+        args=config,
+        train_dataset=Dataset.from_list(addition_prompts(64, seed=seed)),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        peft_config=LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(target_modules), task_type="CAUSAL_LM"
+        ),
     )
     threads = torch.get_num_threads()
     if num_threads is not None:

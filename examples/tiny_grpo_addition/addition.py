@@ -39,10 +39,19 @@ def build_model(tokenizer, *, hidden: int = 64, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -89,8 +98,9 @@ def train_prompts(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def sft_until(model, tokenizer, *, target: float, max_steps: int, check_every: int = 50, batch: int = 128, lr: float = 3e-3,
-              seed: int = 1, log=print) -> tuple[int, float]:
+def sft_until(
+    model, tokenizer, *, target: float, max_steps: int, check_every: int = 50, batch: int = 128, lr: float = 3e-3, seed: int = 1, log=print
+) -> tuple[int, float]:
     """Supervised warm-up on ``"a+b=" -> "c<eos>"`` (loss on the answer only, full fine-tune) until the
     held-out accuracy reaches ``target``: a model that is right part of the time, so RL has work to do.
 
@@ -150,8 +160,9 @@ def accuracy(model, tokenizer, problems: list[tuple[str, str]], batch: int = 300
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
         enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(text.strip() == answer for text, (_, answer) in zip(texts, chunk))
     return correct / len(problems)

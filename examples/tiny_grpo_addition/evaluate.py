@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from addition import accuracy, build_tokenizer, eval_set, load_with_adapter  # noqa: E402
+import torch
+from addition import accuracy, build_tokenizer, eval_set, load_with_adapter
 
 
 def main() -> None:

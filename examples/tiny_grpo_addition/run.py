@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-
 from addition import accuracy, build_model, build_tokenizer, eval_set, load_with_adapter, reward_exact, sft_until, train_prompts, write_json  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,10 +63,38 @@ class Mode:
     seeds: tuple[int, ...]
 
 
-FULL = Mode(sft_target=0.3, sft_max_steps=3000, t1=40, t_total=80, save_steps=5, coefs="0.5,1,2,4", method="linear", val_size=300,
-            test_size=500, prompts_per_step=8, num_generations=8, learning_rate=2e-3, lora_r=8, seeds=(0, 1, 2))
-QUICK = Mode(sft_target=0.3, sft_max_steps=1500, t1=8, t_total=12, save_steps=2, coefs="1,2", method="linear", val_size=200,
-             test_size=200, prompts_per_step=4, num_generations=8, learning_rate=2e-3, lora_r=8, seeds=(0,))
+FULL = Mode(
+    sft_target=0.3,
+    sft_max_steps=3000,
+    t1=40,
+    t_total=80,
+    save_steps=5,
+    coefs="0.5,1,2,4",
+    method="linear",
+    val_size=300,
+    test_size=500,
+    prompts_per_step=8,
+    num_generations=8,
+    learning_rate=2e-3,
+    lora_r=8,
+    seeds=(0, 1, 2),
+)
+QUICK = Mode(
+    sft_target=0.3,
+    sft_max_steps=1500,
+    t1=8,
+    t_total=12,
+    save_steps=2,
+    coefs="1,2",
+    method="linear",
+    val_size=200,
+    test_size=200,
+    prompts_per_step=4,
+    num_generations=8,
+    learning_rate=2e-3,
+    lora_r=8,
+    seeds=(0,),
+)
 
 
 def log(message: str) -> None:
@@ -109,8 +136,9 @@ def make_trainer(base: Path, out_dir: Path, mode: Mode, max_steps: int, seed: in
     dataset = Dataset.from_list(train_prompts(max(2000, mode.t_total * mode.prompts_per_step * 2), seed=seed))
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=str(base), reward_funcs=reward_exact, args=config, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=lora)
+    trainer = GRPOTrainer(
+        model=str(base), reward_funcs=reward_exact, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     return trainer
@@ -123,8 +151,10 @@ def run_grpo(base: Path, out_dir: Path, mode: Mode, max_steps: int, *, resume_fr
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     first = int(resume_from.name.split("-")[1]) if resume_from else 0
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h and h["step"] > first]
-    log(f"  {out_dir.name}: steps {first + 1}..{trainer.state.global_step} in {time.time() - started:.0f}s, "
-        f"mean training reward {sum(rewards) / max(len(rewards), 1):.3f}")
+    log(
+        f"  {out_dir.name}: steps {first + 1}..{trainer.state.global_step} in {time.time() - started:.0f}s, "
+        f"mean training reward {sum(rewards) / max(len(rewards), 1):.3f}"
+    )
     return [h for h in trainer.state.log_history if "reward" in h]
 
 
@@ -145,10 +175,27 @@ def nextoffline_command() -> list[str]:
 
 
 def extrapolate(run: Path, base: Path, out: Path, mode: Mode) -> tuple[dict, list[str]]:
-    evaluator = f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'evaluate.py'))} --base {shlex.quote(str(base))} " \
-                f"--split val --size {mode.val_size} --adapter {{adapter}}"
-    args = ["extrapolate", str(run), "--method", mode.method, "--coef", mode.coefs, "--eval-cmd", evaluator, "--resumable",
-            "--out", str(out), "--json", "--quiet", "--eval-timeout", "600"]
+    evaluator = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'evaluate.py'))} --base {shlex.quote(str(base))} "
+        f"--split val --size {mode.val_size} --adapter {{adapter}}"
+    )
+    args = [
+        "extrapolate",
+        str(run),
+        "--method",
+        mode.method,
+        "--coef",
+        mode.coefs,
+        "--eval-cmd",
+        evaluator,
+        "--resumable",
+        "--out",
+        str(out),
+        "--json",
+        "--quiet",
+        "--eval-timeout",
+        "600",
+    ]
     log("  $ nextoffline " + " ".join(shlex.quote(a) for a in args))
     proc = subprocess.run(nextoffline_command() + args, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -165,8 +212,7 @@ def run_seed(seed: int, mode: Mode, work: Path, tokenizer) -> dict:
     test = eval_set(mode.test_size, "test")
     log(f"[seed {seed}] 1. SFT warm-up to {mode.sft_target:.0%} validation accuracy")
     model = build_model(tokenizer, seed=seed)
-    sft_steps, _ = sft_until(model, tokenizer, target=mode.sft_target, max_steps=mode.sft_max_steps, check_every=25, seed=seed + 1,
-                             log=log)
+    sft_steps, _ = sft_until(model, tokenizer, target=mode.sft_target, max_steps=mode.sft_max_steps, check_every=25, seed=seed + 1, log=log)
     base = work / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -230,8 +276,10 @@ def std(values) -> float:
     return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
-RUNS = (("baseline", "#1f77b4", "-", "continued from the real checkpoint"),
-        ("extrapolated_continued", "#ff7f0e", "--", "continued from the extrapolated checkpoint"))
+RUNS = (
+    ("baseline", "#1f77b4", "-", "continued from the real checkpoint"),
+    ("extrapolated_continued", "#ff7f0e", "--", "continued from the extrapolated checkpoint"),
+)
 PREFIX = ("grpo_phase1", "black", "-", "GRPO before extrapolation")
 SEED_COLORS = ("#2ca02c", "#9467bd", "#8c564b", "#17becf", "#bcbd22", "#e377c2")
 
@@ -266,10 +314,25 @@ def plot(results: dict, path: Path) -> None:
         if several:
             for _, values in per_seed:
                 ax1.plot(steps, values, style, color=color, alpha=0.25, linewidth=0.8)
-        ax1.plot(steps, [mean(v[i] for _, v in per_seed) for i in range(len(steps))], style, marker="o", color=color, markersize=3.5,
-                 linewidth=2.2 if key == "baseline" else 1.5, label=label + (f" (mean of {len(seeds)} seeds; thin: each seed)" if several else ""))
-    ax1.plot(t1, mean(s["accuracy"]["extrapolated"] for s in seeds), "*", color="#d62728", markersize=15, zorder=5,
-             label="adapter selected by the sweep (validation)")
+        ax1.plot(
+            steps,
+            [mean(v[i] for _, v in per_seed) for i in range(len(steps))],
+            style,
+            marker="o",
+            color=color,
+            markersize=3.5,
+            linewidth=2.2 if key == "baseline" else 1.5,
+            label=label + (f" (mean of {len(seeds)} seeds; thin: each seed)" if several else ""),
+        )
+    ax1.plot(
+        t1,
+        mean(s["accuracy"]["extrapolated"] for s in seeds),
+        "*",
+        color="#d62728",
+        markersize=15,
+        zorder=5,
+        label="adapter selected by the sweep (validation)",
+    )
     ax1.axvline(t1, color="#999999", linestyle=":", linewidth=1)
     ax1.set_xlabel("GRPO step")
     ax1.set_ylabel(f"test accuracy ({results['test_size']} held-out problems)")
@@ -281,10 +344,17 @@ def plot(results: dict, path: Path) -> None:
     for i, seed in enumerate(seeds):
         coefs = [c["coef"] for c in seed["candidates"]]
         reference = next(c["score"] for c in seed["candidates"] if c["coef"] == 0)
-        ax2.plot(coefs, [c["score"] - reference for c in seed["candidates"]], "o-", color=SEED_COLORS[i % len(SEED_COLORS)], label=f"seed {seed['seed']}")
+        ax2.plot(
+            coefs,
+            [c["score"] - reference for c in seed["candidates"]],
+            "o-",
+            color=SEED_COLORS[i % len(SEED_COLORS)],
+            label=f"seed {seed['seed']}",
+        )
         chosen = seed["selected"]
-        ax2.plot(chosen["coef"], chosen["score"] - reference, "*", color="#d62728", markersize=13, zorder=5,
-                 label="selected" if i == 0 else None)
+        ax2.plot(
+            chosen["coef"], chosen["score"] - reference, "*", color="#d62728", markersize=13, zorder=5, label="selected" if i == 0 else None
+        )
     ax2.axhline(0, color="#7f7f7f", linestyle="--", linewidth=1)
     ax2.set_xlabel(f"coefficient (0 = checkpoint-{t1}; 1 = {results['horizon_steps']:g} steps ahead)")
     ax2.set_ylabel("validation accuracy minus coefficient 0")
@@ -332,20 +402,30 @@ def markdown(results: dict) -> str:
         f"{cell(reward('extrapolated_continued'))} |",
         "",
         f"Paired difference at step {total} (continued from the extrapolated checkpoint minus baseline, same seed): "
-        + ", ".join(f"seed {s['seed']}: {s['accuracy']['extrapolated_continued'][str(total)] - s['accuracy']['baseline'][str(total)]:+.3f}"
-                    for s in seeds)
-        + (f"; mean {mean(s['accuracy']['extrapolated_continued'][str(total)] - s['accuracy']['baseline'][str(total)] for s in seeds):+.3f}"
-           if len(seeds) > 1 else "") + ".",
+        + ", ".join(
+            f"seed {s['seed']}: {s['accuracy']['extrapolated_continued'][str(total)] - s['accuracy']['baseline'][str(total)]:+.3f}"
+            for s in seeds
+        )
+        + (
+            f"; mean {mean(s['accuracy']['extrapolated_continued'][str(total)] - s['accuracy']['baseline'][str(total)] for s in seeds):+.3f}"
+            if len(seeds) > 1
+            else ""
+        )
+        + ".",
         "",
         "Per seed: candidate sweep (validation accuracy, coefficient 0 = checkpoint-%d) and test accuracy at step %d:" % (t1, total),
         "",
-        "| seed | " + " | ".join(c["label"] for c in seeds[0]["candidates"]) + f" | selected | baseline @ {total} | extrapolated+continued @ {total} |",
+        "| seed | "
+        + " | ".join(c["label"] for c in seeds[0]["candidates"])
+        + f" | selected | baseline @ {total} | extrapolated+continued @ {total} |",
         "|---:|" + "---:|" * len(seeds[0]["candidates"]) + "---|---:|---:|",
     ]
     for s in seeds:
         scores = " | ".join(f"{c['score']:.3f}" for c in s["candidates"])
-        lines.append(f"| {s['seed']} | {scores} | {s['selected']['label']} (step {s['selected']['step']:g}) | "
-                     f"{s['accuracy']['baseline'][str(total)]:.3f} | {s['accuracy']['extrapolated_continued'][str(total)]:.3f} |")
+        lines.append(
+            f"| {s['seed']} | {scores} | {s['selected']['label']} (step {s['selected']['step']:g}) | "
+            f"{s['accuracy']['baseline'][str(total)]:.3f} | {s['accuracy']['extrapolated_continued'][str(total)]:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +438,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("tiny_grpo_addition_run"), help="where everything is written (replaced)")
     parser.add_argument("--seeds", default=None, help="comma list of seeds (default: 0,1,2; --quick: 0)")
     parser.add_argument("--method", default=None, help="nextoffline --method (default: linear, i.e. RELEX; try auto or next)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, also for the evaluator (the model is tiny: 1 is fastest)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads, also for the evaluator (the model is tiny: 1 is fastest)"
+    )
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     if args.method:

@@ -6,9 +6,18 @@ from pathlib import Path
 
 import click
 
-from nextoffline.cli.options import Common, command_line, common_options, compute_options, echo_json, parse_float_list, resolve_source, source_options
+from nextoffline.cli.options import (
+    Common,
+    command_line,
+    common_options,
+    compute_options,
+    echo_json,
+    parse_float_list,
+    resolve_source,
+    source_options,
+)
 
-__all__ = ["inspect_cmd", "backtest_cmd", "extrapolate_cmd", "push_cmd"]
+__all__ = ["backtest_cmd", "extrapolate_cmd", "inspect_cmd", "push_cmd"]
 
 
 def _load(source, adapters, format_name, token, common: Common, *, trainer_state: bool = False):
@@ -49,7 +58,9 @@ def inspect_cmd(source, adapters, format_name, token, device, chunk_mb, as_json,
 @click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @common_options
-def backtest_cmd(source, adapters, format_name, token, device, chunk_mb, holdout, methods, horizon, next_epochs, as_json, common: Common) -> None:
+def backtest_cmd(
+    source, adapters, format_name, token, device, chunk_mb, holdout, methods, horizon, next_epochs, as_json, common: Common
+) -> None:
     """Fit each predictor on a prefix and score its prediction of the held-out tail (1.0 = no better than stopping)."""
     from nextoffline.cli.render import render_backtest
     from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
@@ -71,20 +82,50 @@ def backtest_cmd(source, adapters, format_name, token, device, chunk_mb, holdout
 @click.option("--to-step", "to_step", default=None, help="Target step(s), comma list.")
 @click.option("--coef", default=None, help="Coefficient(s) in horizons, comma list (0 = latest checkpoint).")
 @click.option("--method", default="auto", show_default=True, help="auto, linear, power, poly, gp, next (NAME@W sets a window).")
-@click.option("--rank-policy", type=click.Choice(["keep", "grow"]), default="keep", show_default=True, help="keep rank r (resumable) or write r+1 exactly.")
+@click.option(
+    "--rank-policy",
+    type=click.Choice(["keep", "grow"]),
+    default="keep",
+    show_default=True,
+    help="keep rank r (resumable) or write r+1 exactly.",
+)
 @click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out by the auto backtest.")
 @click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
 @click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
 @click.option("--resumable", is_flag=True, help="Also write a checkpoint in the trainer's own layout under OUT/resume/.")
 @click.option("--eval-cmd", default=None, help="Score each candidate: a command with {adapter}; its last line is a number.")
 @click.option("--eval-lower-is-better", is_flag=True, help="With --eval-cmd: lower scores are better.")
-@click.option("--eval-timeout", default=3600.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds per evaluation.")
+@click.option(
+    "--eval-timeout", default=3600.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds per evaluation."
+)
 @click.option("--keep-all", is_flag=True, help="With --eval-cmd: keep every candidate, not only the best.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @common_options
-def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_dir, to_step, coef, method, rank_policy, holdout, horizon,
-                    next_epochs, resumable, eval_cmd, eval_lower_is_better, eval_timeout, keep_all, overwrite, as_json, common: Common) -> None:
+def extrapolate_cmd(
+    source,
+    adapters,
+    format_name,
+    token,
+    device,
+    chunk_mb,
+    out_dir,
+    to_step,
+    coef,
+    method,
+    rank_policy,
+    holdout,
+    horizon,
+    next_epochs,
+    resumable,
+    eval_cmd,
+    eval_lower_is_better,
+    eval_timeout,
+    keep_all,
+    overwrite,
+    as_json,
+    common: Common,
+) -> None:
     """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout)."""
     from nextoffline.cli.render import render_extrapolation
     from nextoffline.errors import UsageError
@@ -94,8 +135,10 @@ def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
     if (keep_all or eval_lower_is_better) and not eval_cmd:
-        raise UsageError(f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "
-                         "without it every candidate of a sweep is written")
+        raise UsageError(
+            f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "
+            "without it every candidate of a sweep is written"
+        )
     if resumable and rank_policy == "grow":
         raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
     if method != "auto":
@@ -104,8 +147,20 @@ def extrapolate_cmd(source, adapters, format_name, token, device, chunk_mb, out_
     check_output_location(out_dir, sources=(trajectory.source, *(r.checkpoint_dir for r in trajectory.steps)), overwrite=overwrite)
     settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
     evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
-    summary = run_extrapolate(trajectory, settings, out_dir=out_dir, method=method, coefs=coefs, to_steps=steps, rank_policy=rank_policy,
-                              holdout=holdout, resumable=resumable, overwrite=overwrite, evaluation=evaluation, command=command_line())
+    summary = run_extrapolate(
+        trajectory,
+        settings,
+        out_dir=out_dir,
+        method=method,
+        coefs=coefs,
+        to_steps=steps,
+        rank_policy=rank_policy,
+        holdout=holdout,
+        resumable=resumable,
+        overwrite=overwrite,
+        evaluation=evaluation,
+        command=command_line(),
+    )
     echo_json(summary) if as_json else click.echo(render_extrapolation(summary))
 
 
@@ -126,12 +181,16 @@ def push_cmd(folder: Path, repo_id, branch, private, token, commit_message, comm
 
     manifest_path = folder / "nextoffline.json"
     if not (folder / "adapter_model.safetensors").is_file() or not manifest_path.is_file():
-        raise OutputError(f"{folder}: not an extrapolated adapter folder (adapter_model.safetensors and nextoffline.json expected); "
-                          "pass the --out folder of `nextoffline extrapolate`")
+        raise OutputError(
+            f"{folder}: not an extrapolated adapter folder (adapter_model.safetensors and nextoffline.json expected); "
+            "pass the --out folder of `nextoffline extrapolate`"
+        )
     if commit_message is None:
         manifest = json.loads(manifest_path.read_text())
-        commit_message = (f"nextoffline: {manifest['extrapolation']['method']} extrapolation of {manifest['source']['label']} "
-                          f"to step {manifest['selected']['step']:g}")
+        commit_message = (
+            f"nextoffline: {manifest['extrapolation']['method']} extrapolation of {manifest['source']['label']} "
+            f"to step {manifest['selected']['step']:g}"
+        )
     url = hub.push_folder(folder, repo_id=repo_id, branch=branch, private=private, token=token, commit_message=commit_message)
     click.echo(url)
 
@@ -147,8 +206,8 @@ EXAMPLE_TRAJECTORY = Path(__file__).resolve().parent.parent / "data" / "example_
 def demo_cmd(out_dir: Path, device: str, next_epochs: int, common: Common) -> None:
     """Run inspect, backtest and a resumable extrapolation on the bundled TRL GRPO example run."""
     from nextoffline.cli.render import render_backtest, render_extrapolation, render_inspect
-    from nextoffline.pipeline import backtest, inspect_trajectory
     from nextoffline.ops.predictors import auto_candidates
+    from nextoffline.pipeline import backtest, inspect_trajectory
     from nextoffline.sweep import run_extrapolate
     from nextoffline.trajectory import load_trajectory
 
@@ -157,7 +216,18 @@ def demo_cmd(out_dir: Path, device: str, next_epochs: int, common: Common) -> No
     click.echo("== inspect\n" + render_inspect(inspect_trajectory(trajectory, settings)))
     result = backtest(trajectory, auto_candidates(len(trajectory.steps) - 2), settings)
     click.echo("\n== backtest\n" + render_backtest(result))
-    summary = run_extrapolate(trajectory, settings, out_dir=out_dir, method="auto", coefs=[1.0], to_steps=[], rank_policy="keep", holdout=2,
-                              resumable=True, overwrite=(out_dir / "nextoffline.json").is_file(),  # only replace an earlier output
-                              evaluation=None, command=command_line())
+    summary = run_extrapolate(
+        trajectory,
+        settings,
+        out_dir=out_dir,
+        method="auto",
+        coefs=[1.0],
+        to_steps=[],
+        rank_policy="keep",
+        holdout=2,
+        resumable=True,
+        overwrite=(out_dir / "nextoffline.json").is_file(),  # only replace an earlier output
+        evaluation=None,
+        command=command_line(),
+    )
     click.echo("\n== extrapolate (auto, coefficient 1)\n" + render_extrapolation(summary))

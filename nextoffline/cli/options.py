@@ -8,15 +8,25 @@ import math
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from nextoffline.errors import NextOfflineError, UsageError
 
-__all__ = ["common_options", "source_options", "compute_options", "Common", "resolve_source", "parse_float_list", "command_line", "echo_json"]
+__all__ = [
+    "Common",
+    "command_line",
+    "common_options",
+    "compute_options",
+    "echo_json",
+    "parse_float_list",
+    "resolve_source",
+    "source_options",
+]
 
 LOG = logging.getLogger("nextoffline")
 
@@ -89,7 +99,9 @@ def _terminate_as_interrupt() -> Any:
 def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """SOURCE argument (folder or hf://owner/repo[@rev][/sub]), --adapter, --format, --token."""
     func = click.argument("source", required=False)(func)
-    func = click.option("--adapter", "adapters", multiple=True, metavar="STEP=PATH", help="Explicit adapter folder per step (repeat).")(func)
+    func = click.option("--adapter", "adapters", multiple=True, metavar="STEP=PATH", help="Explicit adapter folder per step (repeat).")(
+        func
+    )
     func = click.option("--format", "format_name", default=None, help="Force a layout: peft, trl, verl, openrlhf (default: probe).")(func)
     func = click.option("--token", default=None, envvar="HF_TOKEN", help="Hugging Face token for hf:// sources (default: $HF_TOKEN).")(func)
     return func
@@ -102,8 +114,13 @@ DEFAULT_CHUNK_MB = 64
 def compute_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--device and --chunk-mb."""
     func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
-    func = click.option("--chunk-mb", default=DEFAULT_CHUNK_MB, show_default=True, type=click.IntRange(1),
-                        help="Memory budget of one module batch (stored dtype; widened to float32 on the device).")(func)
+    func = click.option(
+        "--chunk-mb",
+        default=DEFAULT_CHUNK_MB,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Memory budget of one module batch (stored dtype; widened to float32 on the device).",
+    )(func)
     return func
 
 

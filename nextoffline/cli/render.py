@@ -6,7 +6,7 @@ from typing import Any
 
 from nextoffline.pipeline import BacktestResult
 
-__all__ = ["render_inspect", "render_backtest", "render_extrapolation"]
+__all__ = ["render_backtest", "render_extrapolation", "render_inspect"]
 
 
 def _pct(value: float | None) -> str:
@@ -26,7 +26,9 @@ def render_inspect(report: dict[str, Any]) -> str:
         "  step   rank-1 energy (global)   rank-1 energy (local)   |dW|",
     ]
     for row in report["per_step"]:
-        lines.append(f"{row['step']:>6}   {_pct(row['global_rank1_energy']):>22}   {_pct(row['local_rank1_energy']):>21}   {row['global_norm']:.4g}")
+        lines.append(
+            f"{row['step']:>6}   {_pct(row['global_rank1_energy']):>22}   {_pct(row['local_rank1_energy']):>21}   {row['global_norm']:.4g}"
+        )
     return "\n".join(lines)
 
 
@@ -53,8 +55,10 @@ def render_extrapolation(summary: dict[str, Any]) -> str:
     for c in summary["candidates"]:
         score = f"  score {c['score']:g}" if "score" in c else ""
         mark = "selected" if c.get("selected") else ("written" if c["written"] else "not kept")
-        lines.append(f"  step {c['step']:g} (coef {c['coef']:g}): update {c['relative_update']:.3g} of |dW_last|, "
-                     f"{_pct(c['kept_energy']).strip()} of it kept at rank r{score}  [{mark}]")
+        lines.append(
+            f"  step {c['step']:g} (coef {c['coef']:g}): update {c['relative_update']:.3g} of |dW_last|, "
+            f"{_pct(c['kept_energy']).strip()} of it kept at rank r{score}  [{mark}]"
+        )
     lines.append(f"wrote {summary['out']}")
     resume = summary.get("resume")
     if resume:

@@ -15,10 +15,19 @@ __all__ = ["report_cmd"]
 @source_options
 @compute_options
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created atomically).")
-@click.option("--extrapolation", "extrapolation_dir", default=None, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="An earlier `extrapolate` --out folder: show its candidates and scores.")
-@click.option("--methods", default=",".join(("linear", "power", "poly", "gp", "next")), show_default=True,
-              help="Predictors drawn on the coefficient plots (comma list, NAME@W sets a window).")
+@click.option(
+    "--extrapolation",
+    "extrapolation_dir",
+    default=None,
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    help="An earlier `extrapolate` --out folder: show its candidates and scores.",
+)
+@click.option(
+    "--methods",
+    default=",".join(("linear", "power", "poly", "gp", "next")),
+    show_default=True,
+    help="Predictors drawn on the coefficient plots (comma list, NAME@W sets a window).",
+)
 @click.option("--backtest-methods", default=None, help="Predictors backtested (default: every auto candidate).")
 @click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out by the backtest.")
 @click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
@@ -28,8 +37,26 @@ __all__ = ["report_cmd"]
 @click.option("--to-step", "end_step", type=float, default=None, help="Draw the predictions up to this step (default: 2 horizons ahead).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 @common_options
-def report_cmd(source, adapters, format_name, token, device, chunk_mb, out_dir, extrapolation_dir, methods, backtest_methods, holdout, horizon,
-               next_epochs, module_pattern, max_modules, end_step, overwrite, common: Common) -> None:
+def report_cmd(
+    source,
+    adapters,
+    format_name,
+    token,
+    device,
+    chunk_mb,
+    out_dir,
+    extrapolation_dir,
+    methods,
+    backtest_methods,
+    holdout,
+    horizon,
+    next_epochs,
+    module_pattern,
+    max_modules,
+    end_step,
+    overwrite,
+    common: Common,
+) -> None:
     """Write PNG plots and report.md: rank-1 energy, per-module coefficient fits, backtest errors, candidate scores."""
     from nextoffline.cli.commands import _load, _settings
     from nextoffline.io.writer import check_output_location
@@ -42,8 +69,17 @@ def report_cmd(source, adapters, format_name, token, device, chunk_mb, out_dir, 
     sources = (trajectory.source, *(r.checkpoint_dir for r in trajectory.steps))
     check_output_location(out_dir, sources=sources, overwrite=overwrite)
     settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
-    data = compute_report(trajectory, settings, methods=method_list, backtest_methods=backtest_list, holdout=holdout,
-                          module_pattern=module_pattern, max_modules=max_modules, end_step=end_step, extrapolation_dir=extrapolation_dir)
+    data = compute_report(
+        trajectory,
+        settings,
+        methods=method_list,
+        backtest_methods=backtest_list,
+        holdout=holdout,
+        module_pattern=module_pattern,
+        max_modules=max_modules,
+        end_step=end_step,
+        extrapolation_dir=extrapolation_dir,
+    )
     files = write_report(out_dir, data, overwrite=overwrite, sources=sources)
     click.echo(f"wrote {files['markdown']}")
     for key, path in files.items():

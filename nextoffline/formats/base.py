@@ -10,22 +10,23 @@ is shared (``nextoffline.io``), so formats stay small.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar, Iterable, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from nextoffline.errors import FormatDetectionError
 from nextoffline.types import ResumeInfo, StepRef
 
 __all__ = [
-    "CheckpointFormat",
-    "FORMATS",
-    "register_format",
-    "get_format",
-    "STEP_DIR_PATTERNS",
-    "parse_step_dir",
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAMES",
+    "FORMATS",
+    "STEP_DIR_PATTERNS",
+    "CheckpointFormat",
     "find_adapter_weights",
+    "get_format",
+    "parse_step_dir",
+    "register_format",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"

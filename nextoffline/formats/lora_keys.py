@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from nextoffline.errors import AdapterFileError, IncompatibleCheckpointsError
 
-__all__ = ["PEFT_LORA_KEY", "ADAPTER_WEIGHTS", "peft_key", "read_safetensors", "checked_new_weights", "rewrite_safetensors"]
+__all__ = ["ADAPTER_WEIGHTS", "PEFT_LORA_KEY", "checked_new_weights", "peft_key", "read_safetensors", "rewrite_safetensors"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _STATE_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<adapter>[^.]+)\.weight$")
@@ -43,7 +43,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise AdapterFileError(f"{path}: cannot read safetensors file ({exc}); re-save it") from None
 
 
@@ -78,7 +78,9 @@ def rewrite_safetensors(source: Path, dest: Path, new: Mapping[str, torch.Tensor
     tensors, metadata = read_safetensors(source)
     lora = [k for k in tensors if PEFT_LORA_KEY.match(k)]
     if set(lora) != set(new):
-        raise IncompatibleCheckpointsError(f"{source}: LoRA keys differ from the trainer checkpoint; the adapter folder is from another run")
+        raise IncompatibleCheckpointsError(
+            f"{source}: LoRA keys differ from the trainer checkpoint; the adapter folder is from another run"
+        )
     updated = dict(tensors)
     updated.update({k: new[k].to(tensors[k].dtype).contiguous() for k in lora})
     if all(torch.equal(updated[k], tensors[k]) for k in lora):

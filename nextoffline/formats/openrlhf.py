@@ -20,9 +20,10 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,7 +34,7 @@ from nextoffline.formats.torch_zip import Opaque, TensorRef, patch_tensors, read
 from nextoffline.io.reader import register_state_loader
 from nextoffline.types import ResumeInfo, StepRef
 
-__all__ = ["OpenRLHFFormat", "load_lora_state", "load_master_lora_state", "write_deepspeed_checkpoint", "is_deepspeed_model_states"]
+__all__ = ["OpenRLHFFormat", "is_deepspeed_model_states", "load_lora_state", "load_master_lora_state", "write_deepspeed_checkpoint"]
 
 LOG = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ def _optim_files(tag_dir: Path, world: int) -> list[Path]:
             found[int(match[2])] = path
     missing = sorted(set(range(world)) - set(found))
     if missing:
-        raise AdapterFileError(f"{tag_dir}: ZeRO optimizer states of ranks {missing} are missing (dp world size {world}); copy every rank's file")
+        raise AdapterFileError(
+            f"{tag_dir}: ZeRO optimizer states of ranks {missing} are missing (dp world size {world}); copy every rank's file"
+        )
     return [found[r] for r in range(world)]
 
 
@@ -181,7 +184,7 @@ def load_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
         flat = torch.empty(int(torch.Size(shapes[key]).numel()), dtype=torch.float32)
         for piece in parts:
             (value,) = read_tensors(files[piece.rank], [piece.ref])
-            flat[piece.start: piece.start + value.numel()] = value
+            flat[piece.start : piece.start + value.numel()] = value
         result[name] = flat.view(shapes[key])
     return dict(sorted(result.items()))
 
@@ -299,8 +302,13 @@ def _write_module(source: Path, dest: Path, lora: Mapping[str, tuple[str, Tensor
         patch_tensors(source, dest, updates)
 
 
-def _write_masters(files: list[Path], target: Path, pieces: Mapping[str, list[_Piece]],
-                   lora: Mapping[str, tuple[str, TensorRef]], new: Mapping[str, torch.Tensor]) -> None:
+def _write_masters(
+    files: list[Path],
+    target: Path,
+    pieces: Mapping[str, list[_Piece]],
+    lora: Mapping[str, tuple[str, TensorRef]],
+    new: Mapping[str, torch.Tensor],
+) -> None:
     """Replace the LoRA slices of every rank's fp32 master partition; Adam moments stay as they are.
 
     An element whose new value is what its fp32 master rounds to in the adapter's dtype keeps the
@@ -312,7 +320,7 @@ def _write_masters(files: list[Path], target: Path, pieces: Mapping[str, list[_P
             raise AdapterFileError(f"{files[0]}: {state_key} is not in the optimizer's param_shapes; is it trainable?")
         flat = new[name].detach().reshape(-1)
         for piece in pieces[state_key]:
-            per_rank[piece.rank].append((piece.ref, flat[piece.start: piece.start + piece.ref.size[0]]))
+            per_rank[piece.rank].append((piece.ref, flat[piece.start : piece.start + piece.ref.size[0]]))
     for rank, path in enumerate(files):
         refs = [ref for ref, _value in per_rank[rank]]
         current = read_tensors(path, refs)

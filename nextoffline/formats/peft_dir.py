@@ -23,8 +23,10 @@ def step_named_adapters(root: Path) -> list[StepRef]:
         weights = find_adapter_weights(child)
         if not (child / ADAPTER_CONFIG_NAME).exists():
             if weights is not None:  # an adapter without its config: broken, never skipped silently
-                raise AdapterConfigError(f"{child / ADAPTER_CONFIG_NAME}: missing next to {weights.name}; restore the "
-                                         "adapter_config.json that PEFT wrote (or move this folder out of the run)")
+                raise AdapterConfigError(
+                    f"{child / ADAPTER_CONFIG_NAME}: missing next to {weights.name}; restore the "
+                    "adapter_config.json that PEFT wrote (or move this folder out of the run)"
+                )
             continue
         weights = weights or child / "adapter_model.safetensors"
         if step in refs:

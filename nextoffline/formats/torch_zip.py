@@ -23,15 +23,16 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from nextoffline.errors import AdapterFileError
 
-__all__ = ["StorageRef", "TensorRef", "SubclassRef", "Opaque", "read_structure", "read_tensor", "read_tensors", "patch_tensors", "state_of"]
+__all__ = ["Opaque", "StorageRef", "SubclassRef", "TensorRef", "patch_tensors", "read_structure", "read_tensor", "read_tensors", "state_of"]
 
 _FIX = "re-save this checkpoint with the trainer, or point at an intact run folder"
 
@@ -82,7 +83,7 @@ class Opaque:
 
     path = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         obj = object.__new__(cls)
         obj.args = args
         obj.state = None
@@ -257,7 +258,7 @@ def read_structure(path: Path) -> Any:
         return _StructureUnpickler(data, path).load()
     except AdapterFileError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
         raise AdapterFileError(f"{path}: cannot parse the checkpoint pickle ({type(exc).__name__}: {exc}); {_FIX}") from None
 
 

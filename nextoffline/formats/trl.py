@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from nextoffline.formats.base import ADAPTER_WEIGHTS_NAMES, register_format
-from nextoffline.formats.peft_dir import step_named_adapters
 from nextoffline.formats.openrlhf import MODEL_STATES, write_deepspeed_checkpoint
+from nextoffline.formats.peft_dir import step_named_adapters
 from nextoffline.io.writer import copy_file
 from nextoffline.types import ResumeInfo, StepRef
 
@@ -33,8 +33,10 @@ class TrlFormat:
     def probe(self, root: Path) -> bool:
         if not root.is_dir():
             return False
-        return any(ref.checkpoint_dir.name.startswith("checkpoint-") and (ref.checkpoint_dir / TRAINER_STATE_NAME).is_file()
-                   for ref in step_named_adapters(root))
+        return any(
+            ref.checkpoint_dir.name.startswith("checkpoint-") and (ref.checkpoint_dir / TRAINER_STATE_NAME).is_file()
+            for ref in step_named_adapters(root)
+        )
 
     def list_steps(self, root: Path) -> list[StepRef]:
         return [ref for ref in step_named_adapters(root) if ref.checkpoint_dir.name.startswith("checkpoint-")]
@@ -43,7 +45,9 @@ class TrlFormat:
         target = out_dir / latest.checkpoint_dir.name
         deepspeed_tags = _deepspeed_tags(latest.checkpoint_dir)
         skip = {*ADAPTER_WEIGHTS_NAMES, *(tag.name for tag in deepspeed_tags)}
-        shutil.copytree(latest.checkpoint_dir, target, ignore=lambda d, names: [n for n in names if n in skip and Path(d) == latest.checkpoint_dir])
+        shutil.copytree(
+            latest.checkpoint_dir, target, ignore=lambda d, names: [n for n in names if n in skip and Path(d) == latest.checkpoint_dir]
+        )
         copy_file(adapter_dir / "adapter_model.safetensors", target / "adapter_model.safetensors")
         for tag in deepspeed_tags:  # with DeepSpeed, Trainer resumes the weights from global_stepN/, not the adapter file
             write_deepspeed_checkpoint(tag, target / tag.name, adapter_dir)
@@ -51,7 +55,11 @@ class TrlFormat:
         notes = (
             f"the resumed run continues at step {latest.step} (trainer_state.json, optimizer, scheduler and RNG state "
             "are those of the last real checkpoint); only the LoRA weights are extrapolated",
-        ) + (("DeepSpeed state found: LoRA values were also replaced in global_step*/ model states and fp32 masters",) if deepspeed_tags else ())
+        ) + (
+            ("DeepSpeed state found: LoRA values were also replaced in global_step*/ model states and fp32 masters",)
+            if deepspeed_tags
+            else ()
+        )
         return ResumeInfo(checkpoint_dir=target, command=command, notes=notes)
 
 

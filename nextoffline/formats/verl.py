@@ -19,9 +19,10 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
 
@@ -32,7 +33,7 @@ from nextoffline.formats.torch_zip import Opaque, SubclassRef, TensorRef, patch_
 from nextoffline.io.reader import register_state_loader
 from nextoffline.types import ResumeInfo, StepRef
 
-__all__ = ["VerlFormat", "load_lora_state", "model_shards", "adapter_config_from_shards", "is_verl_model_shard"]
+__all__ = ["VerlFormat", "adapter_config_from_shards", "is_verl_model_shard", "load_lora_state", "model_shards"]
 
 LOG = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def model_shards(actor_dir: Path) -> list[Path]:
         return []
     if len(found) > 1:
         raise AdapterFileError(f"{actor_dir}: shards of several world sizes {sorted(found)}; keep the files of one run")
-    (world, ranks), = found.items()
+    ((world, ranks),) = found.items()
     missing = sorted(set(range(world)) - set(ranks))
     if missing:
         raise AdapterFileError(f"{actor_dir}: model shards of ranks {missing} are missing (world size {world}); copy every rank's file")
@@ -131,8 +132,9 @@ def _chunk(start: int, end: int, parts: int, index: int) -> tuple[int, int]:
     return lo, min(lo + size, end)
 
 
-def _local_bounds(global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: list[tuple[str, int]],
-                  coordinate: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+def _local_bounds(
+    global_shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: list[tuple[str, int]], coordinate: tuple[int, ...]
+) -> tuple[tuple[int, int], ...]:
     bounds = [(0, size) for size in global_shape]
     for (kind, dim), parts, index in zip(placements, mesh_shape, coordinate):
         if kind == "shard":
@@ -164,9 +166,13 @@ def _shard_entries(path: Path, rank: int) -> dict[str, _ShardEntry]:
             bounds = _local_bounds(global_shape, mesh_shape, placements, coordinate)
             entry = _ShardEntry(key, value.state["_local_tensor"], global_shape, bounds)
         else:
-            raise AdapterFileError(f"{path}: {key} is a {type(value).__name__}, not a tensor or DTensor; re-save with FSDP SHARDED_STATE_DICT")
+            raise AdapterFileError(
+                f"{path}: {key} is a {type(value).__name__}, not a tensor or DTensor; re-save with FSDP SHARDED_STATE_DICT"
+            )
         if tuple(hi - lo for lo, hi in entry.bounds) != entry.ref.size:
-            raise AdapterFileError(f"{path}: local shard of {key} has shape {entry.ref.size}, expected {entry.bounds}; unsupported FSDP sharding")
+            raise AdapterFileError(
+                f"{path}: local shard of {key} has shape {entry.ref.size}, expected {entry.bounds}; unsupported FSDP sharding"
+            )
         if name in entries:
             raise AdapterFileError(f"{path}: several LoRA adapters ({entries[name].state_key}, {key}); nextoffline handles one adapter")
         entries[name] = entry
@@ -332,10 +338,7 @@ def _write_shard(source: Path, dest: Path, entries: dict[str, _ShardEntry], new:
 
 
 def _resume_command(target: Path) -> str:
-    return (
-        "python -m verl.trainer.main_ppo <your training overrides> "
-        f"trainer.resume_mode=resume_path trainer.resume_from_path={target}"
-    )
+    return f"python -m verl.trainer.main_ppo <your training overrides> trainer.resume_mode=resume_path trainer.resume_from_path={target}"
 
 
 def _notes(step: int, world_size: int) -> tuple[str, ...]:

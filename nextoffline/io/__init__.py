@@ -4,12 +4,12 @@ from nextoffline.io.reader import TensorReader, open_tensors, register_state_loa
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, copy_file, write_json, write_safetensors, write_text
 
 __all__ = [
-    "TensorReader",
-    "open_tensors",
-    "register_state_loader",
     "AtomicOutputDir",
+    "TensorReader",
     "check_output_location",
     "copy_file",
+    "open_tensors",
+    "register_state_loader",
     "write_json",
     "write_safetensors",
     "write_text",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -18,9 +19,9 @@ from safetensors import safe_open
 from nextoffline.errors import AdapterFileError
 
 __all__ = [
-    "TensorReader",
     "SafetensorsReader",
     "StateDictReader",
+    "TensorReader",
     "open_tensors",
     "register_state_loader",
 ]
@@ -139,7 +140,7 @@ class SafetensorsReader:
         self._specs = {k: v for k, v in header.items() if k != "__metadata__"}
         try:
             self._handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise AdapterFileError(f"{path}: cannot open safetensors file ({exc}); re-save this checkpoint") from None
 
     def keys(self) -> list[str]:
@@ -154,7 +155,7 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._handle.get_tensor(key)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise AdapterFileError(f"{self.path}: cannot read tensor {key!r} ({exc})") from None
 
     def close(self) -> None:
@@ -187,7 +188,7 @@ class StateDictReader:
             state = load(path)
         except AdapterFileError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many unrelated types
             raise AdapterFileError(f"{path}: cannot load torch checkpoint ({type(exc).__name__}); re-save it") from None
         self._state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 

@@ -16,6 +16,7 @@ written and before the final rename, so crash-safety tests can kill a run mid-wr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -27,16 +28,17 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from nextoffline.errors import NextOfflineError, OutputError
 
-__all__ = ["AtomicOutputDir", "check_output_location", "write_safetensors", "write_json", "write_text", "copy_file", "json_safe"]
+__all__ = ["AtomicOutputDir", "check_output_location", "copy_file", "json_safe", "write_json", "write_safetensors", "write_text"]
 
 LOG = logging.getLogger(__name__)
 
@@ -47,10 +49,8 @@ def _test_delay() -> None:
     """Testing hook (see the module docstring); a no-op unless the variable is set."""
     value = os.environ.get(TEST_DELAY_ENV)
     if value:
-        try:
+        with contextlib.suppress(ValueError):
             time.sleep(max(float(value), 0.0))
-        except ValueError:
-            pass
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -197,8 +197,10 @@ class AtomicOutputDir:
             self._remove_stale(parent)
             free = shutil.disk_usage(parent).free
             if self.required_bytes and free < self.required_bytes * 1.1:
-                raise OutputError(f"{self.final}: not enough disk space ({_size(free)} free, {_size(self.required_bytes)} needed); "
-                                  "free space or choose another --out")
+                raise OutputError(
+                    f"{self.final}: not enough disk space ({_size(free)} free, {_size(self.required_bytes)} needed); "
+                    "free space or choose another --out"
+                )
             self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix("tmp"), dir=parent))
         except BaseException as exc:
             self._discard()
@@ -246,13 +248,14 @@ class AtomicOutputDir:
             try:
                 self._commit()
                 return
-            except BaseException as error:
+            except BaseException as error:  # noqa: BLE001 - re-raised below after the temp folder is removed
                 exc = error
         self._discard()
         if isinstance(exc, OSError) and not isinstance(exc, NextOfflineError):
             if exc.errno == errno.ENOSPC:
-                raise OutputError(f"{self.final}: ran out of disk space while writing; nothing was written: free space or "
-                                  "choose another --out") from None
+                raise OutputError(
+                    f"{self.final}: ran out of disk space while writing; nothing was written: free space or choose another --out"
+                ) from None
             raise OutputError(f"{self.final}: could not finish writing ({exc.strerror or exc}); nothing was written") from None
         if exc_type is None:
             raise exc  # type: ignore[misc]

@@ -7,7 +7,17 @@ from typing import Any
 
 import torch
 
-from nextoffline.ops.decompose import Triplets, align_signs, align_to, difference_factors, mat_times, normalised, row_times, solve_balanced, symmetric_blocks
+from nextoffline.ops.decompose import (
+    Triplets,
+    align_signs,
+    align_to,
+    difference_factors,
+    mat_times,
+    normalised,
+    row_times,
+    solve_balanced,
+    symmetric_blocks,
+)
 
 __all__ = ["FactorChunk", "Rank1Features", "contiguous_index", "rank1_features"]
 
@@ -49,7 +59,7 @@ class FactorChunk:
         left, right = difference_factors(self.b[t1], self.a[t1], self.b[t0], self.a[t0])
         return self.scaling.to(left)[:, None, None] * left, right
 
-    def select_steps(self, index: list[int]) -> "FactorChunk":
+    def select_steps(self, index: list[int]) -> FactorChunk:
         """The same modules at a subset of steps (a prefix for backtests, a window for fits)."""
         index = list(index)
         at = contiguous_index(index)  # a view (no copy) for a contiguous run of steps
@@ -115,7 +125,9 @@ def rank1_features(chunk: FactorChunk, *, horizon: int, lag: int = 1) -> Rank1Fe
         reference = previous if previous is not None else local[t]
         target[t] = align_to(triplet, reference) if reference is not None else triplet
         previous = target[t]
-    return Rank1Features(global_=align_signs(global_), local=local, target=target, global_energy=grams.energies(), local_energy=local_energy)
+    return Rank1Features(
+        global_=align_signs(global_), local=local, target=target, global_energy=grams.energies(), local_energy=local_energy
+    )
 
 
 #: Steps whose delta blocks are formed at once (bounds the extra memory to ~this many steps).
@@ -180,8 +192,9 @@ class _Scratch:
         return self.d[:pairs], self.f[:pairs]
 
 
-def _pair_triplets(chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: list[int], scratch: _Scratch, *,
-                   derive_globals: bool) -> tuple[list[Triplets], list[torch.Tensor]]:
+def _pair_triplets(
+    chunk: FactorChunk, grams: _GlobalGrams, t1: list[int], t0: list[int], scratch: _Scratch, *, derive_globals: bool
+) -> tuple[list[Triplets], list[torch.Tensor]]:
     """Top triplets and squared Frobenius norms of ``dW_t1 - dW_t0`` for the given step pairs
     (all modules), never dense."""
     b1, b0 = chunk.b[contiguous_index(t1)], chunk.b[contiguous_index(t0)]

@@ -19,27 +19,27 @@ eigen-decomposition. ``u = X v / |X v| = L (Gr y) / |.|`` needs no refinement pa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 __all__ = [
     "Triplets",
-    "gram_left",
-    "gram_right",
-    "top_triplet",
-    "top_eigvec",
-    "top_eigvecs",
-    "stacked_gram",
-    "symmetric_blocks",
+    "align_signs",
+    "align_to",
     "balance_grams",
     "difference_factors",
     "frobenius_sq",
+    "gram_left",
+    "gram_right",
     "inner_product",
-    "align_signs",
-    "align_to",
+    "stacked_gram",
+    "symmetric_blocks",
+    "top_eigvec",
+    "top_eigvecs",
+    "top_triplet",
 ]
 
 _SMALL = torch.float64
@@ -60,10 +60,10 @@ class Triplets:
     u: torch.Tensor  # (N, m), unit norm (zeros when sigma == 0)
     v: torch.Tensor  # (N, n), unit norm (zeros when sigma == 0)
 
-    def to(self, device: torch.device | str) -> "Triplets":
+    def to(self, device: torch.device | str) -> Triplets:
         return Triplets(self.sigma.to(device), self.u.to(device), self.v.to(device))
 
-    def scaled(self, factor: torch.Tensor) -> "Triplets":
+    def scaled(self, factor: torch.Tensor) -> Triplets:
         """Triplets of ``factor[i] * X[i]`` for positive ``factor``."""
         return Triplets(self.sigma * factor.to(self.sigma), self.u, self.v)
 
@@ -160,7 +160,9 @@ def _eigh_topk(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int) -> tuple[
     return y * scale.unsqueeze(-2), lam
 
 
-def _rayleigh_ritz(basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tensor, count: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rayleigh_ritz(
+    basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tensor, count: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``count`` Ritz pairs of ``M = Gl Gr`` on ``span(basis)`` in the ``Gr`` inner product.
 
     Returns ``(y, lambda, M y, M basis)`` with ``y^T Gr y = I``, ``y`` ``(P, k, count)``,
@@ -180,8 +182,9 @@ def _rayleigh_ritz(basis: torch.Tensor, gram_l: torch.Tensor, gram_r: torch.Tens
     return basis @ c, ev[..., -count:].flip(-1).clamp_min(0), mb @ c, mb
 
 
-def top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, *, tol: float = RESIDUAL_TOL,
-               max_rounds: int = MAX_ROUNDS, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigvec(
+    gram_l: torch.Tensor, gram_r: torch.Tensor, *, tol: float = RESIDUAL_TOL, max_rounds: int = MAX_ROUNDS, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top eigenpair ``(y, lambda)`` of ``Gl @ Gr`` for a batch of PSD ``k x k`` pairs (float64).
 
     ``y`` is normalised so that ``y^T Gr y = 1`` (zero where ``lambda == 0``); ``lambda`` is
@@ -228,9 +231,17 @@ def _top_eigvec(gram_l: torch.Tensor, gram_r: torch.Tensor, tol: float, max_roun
     return y_out, lam_out
 
 
-def top_eigvecs(gram_l: torch.Tensor, gram_r: torch.Tensor, count: int, *, start: torch.Tensor | None = None,
-                total: torch.Tensor | None = None, tol: float = 1e-12, max_rounds: int = 12,
-                oversample: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigvecs(
+    gram_l: torch.Tensor,
+    gram_r: torch.Tensor,
+    count: int,
+    *,
+    start: torch.Tensor | None = None,
+    total: torch.Tensor | None = None,
+    tol: float = 1e-12,
+    max_rounds: int = 12,
+    oversample: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``count`` eigenpairs ``(Y, lambda)`` of ``Gl @ Gr`` for a batch of PSD ``k x k`` pairs (float64).
 
     ``Y`` ``(N, k, count)`` satisfies ``Y^T Gr Y = I`` (zero columns where ``lambda == 0``);
@@ -340,7 +351,7 @@ def stacked_gram(stacked: torch.Tensor, *, block: int = 256) -> torch.Tensor:
         stop = min(start + block, p)
         piece = stacked[..., start:stop, :] @ stacked[..., start:, :].mT
         out[..., start:stop, start:] = piece
-        out[..., stop:, start:stop] = piece[..., :, stop - start:].mT
+        out[..., stop:, start:stop] = piece[..., :, stop - start :].mT
     return out
 
 
@@ -383,9 +394,7 @@ def top_triplet(
     return lift(left, right, coef_v, coef_u)
 
 
-def difference_factors(
-    b1: torch.Tensor, a1: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def difference_factors(b1: torch.Tensor, a1: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of ``B1 A1 - B0 A0`` as ``[B1 - B0, B0] @ [A1; A1 - A0]`` (no cancellation)."""
     left = torch.cat([b1 - b0, b0], dim=-1)
     right = torch.cat([a1, a1 - a0], dim=-2)

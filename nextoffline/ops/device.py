@@ -6,7 +6,7 @@ import torch
 
 from nextoffline.errors import UsageError
 
-__all__ = ["resolve_device", "to_compute", "COMPUTE_DTYPE"]
+__all__ = ["COMPUTE_DTYPE", "resolve_device", "to_compute"]
 
 COMPUTE_DTYPE = torch.float32
 

@@ -15,7 +15,7 @@ import torch
 from nextoffline.ops.decompose import balance_grams, top_eigvecs
 from nextoffline.ops.predictors.base import FactoredUpdate
 
-__all__ = ["RefactorResult", "refactor_keep_rank", "refactor_grow_rank"]
+__all__ = ["RefactorResult", "refactor_grow_rank", "refactor_keep_rank"]
 
 _F64 = torch.float64
 _MAX_GAUGE_CONDITION = 1e6
@@ -105,7 +105,9 @@ def _anchor_gauge(gauge: torch.Tensor, sigma: torch.Tensor, coef_v: torch.Tensor
     return coef_v @ safe_gauge.mT, coef_us @ inv, reset
 
 
-def refactor_grow_rank(b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate, *, rel_tol: float = 1e-7) -> RefactorResult:
+def refactor_grow_rank(
+    b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor, update: FactoredUpdate, *, rel_tol: float = 1e-7
+) -> RefactorResult:
     """Exact factors of rank ``r + p``: ``B' = [B, D_l / s]``, ``A' = [A; D_r]``.
 
     ``p`` is 1 for rank-1 updates (NExt); a wider update is first compressed to its numerical

@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-__all__ = ["Regressor", "LinearTrend", "PowerTrend", "PolyRidge", "GaussianProcessTrend", "REGRESSORS", "make_regressor"]
+__all__ = ["REGRESSORS", "GaussianProcessTrend", "LinearTrend", "PolyRidge", "PowerTrend", "Regressor", "make_regressor"]
 
 _F64 = torch.float64
 
@@ -25,7 +25,7 @@ class Regressor(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def fit(self, x: torch.Tensor, y: torch.Tensor) -> "Regressor":
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> Regressor:
         """Fit ``N`` series; ``x`` and ``y`` have shape ``(N, W)``."""
 
     @abstractmethod
@@ -63,7 +63,7 @@ class LinearTrend(_Normalised):
 
     name = "linear"
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor) -> "LinearTrend":
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> LinearTrend:
         self._set_frame(x)
         z = self._normalise(x)
         design = torch.stack([torch.ones_like(z), z], dim=-1)
@@ -85,7 +85,7 @@ class PowerTrend(Regressor):
     name = "power"
     EXPONENTS: ClassVar[tuple[float, ...]] = (0.25, 1 / 3, 0.5, 2 / 3, 0.75, 1.0, 1.5, 2.0)
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor) -> "PowerTrend":
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> PowerTrend:
         x, y = x.to(_F64), y.to(_F64)
         self._scale = x[:, -1:].abs().clamp_min(1e-12)
         base = (x / self._scale).clamp_min(0)
@@ -113,10 +113,9 @@ class _SklearnPerSeries(_Normalised, ABC):
     """Fits one scikit-learn estimator per series on normalised steps."""
 
     @abstractmethod
-    def _estimator(self):  # noqa: ANN202 - a scikit-learn estimator
-        ...
+    def _estimator(self): ...
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor) -> "_SklearnPerSeries":
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> _SklearnPerSeries:
         self._set_frame(x)
         z = self._normalise(x).cpu().numpy()
         targets = y.to(_F64).cpu().numpy()
@@ -141,7 +140,7 @@ class PolyRidge(_SklearnPerSeries):
     def __init__(self, degree: int = 2, alpha: float = 1e-6) -> None:
         self.degree, self.alpha = degree, alpha
 
-    def _estimator(self):  # noqa: ANN202
+    def _estimator(self):
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import PolynomialFeatures
@@ -154,7 +153,7 @@ class GaussianProcessTrend(_SklearnPerSeries):
 
     name = "gp"
 
-    def _estimator(self):  # noqa: ANN202
+    def _estimator(self):
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, WhiteKernel
 

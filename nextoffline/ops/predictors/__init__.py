@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nextoffline.errors import UsageError
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor
 from nextoffline.ops.predictors.next import NextPredictor
 from nextoffline.ops.predictors.trajectory import TrajectoryRank1Predictor
 
-__all__ = ["FactoredUpdate", "Predictor", "PREDICTORS", "make_predictor", "auto_candidates", "parse_predictor_name"]
+__all__ = ["PREDICTORS", "FactoredUpdate", "Predictor", "auto_candidates", "make_predictor", "parse_predictor_name"]
 
 PredictorFactory = Callable[..., Predictor]
 

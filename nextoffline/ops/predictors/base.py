@@ -28,8 +28,9 @@ class FactoredUpdate:
     factors, whose Grams they already hold) subclass it so that no stacked factor is formed.
     """
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, gram_left: torch.Tensor | None = None,
-                 gram_right: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, left: torch.Tensor, right: torch.Tensor, gram_left: torch.Tensor | None = None, gram_right: torch.Tensor | None = None
+    ) -> None:
         self._left, self._right = left, right
         self._gram_left, self._gram_right = gram_left, gram_right
 
@@ -69,7 +70,7 @@ class FactoredUpdate:
         at those steps of the chunk as read (then a trajectory Gram scores it), else ``None``."""
         return None
 
-    def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple["FactoredUpdate", slice]:
+    def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple[FactoredUpdate, slice]:
         """``M = s B A + D`` as one factored matrix, and the slice of its inner dimension that
         holds the latest factors (re-factoring starts from that block and anchors its gauge to it).
 
@@ -100,8 +101,10 @@ class LatestPlusUpdate(FactoredUpdate):
         if self._grams is None:
             gram_dl, gram_dr = self.update.grams()
             cross_l, cross_r = self.update.cross(self.scaled_b, self.a)
-            self._grams = (symmetric_blocks(self.scaled_b.mT @ self.scaled_b, cross_l, gram_dl),
-                           symmetric_blocks(self.a @ self.a.mT, cross_r, gram_dr))
+            self._grams = (
+                symmetric_blocks(self.scaled_b.mT @ self.scaled_b, cross_l, gram_dl),
+                symmetric_blocks(self.a @ self.a.mT, cross_r, gram_dr),
+            )
         return self._grams
 
     def left_times(self, coef: torch.Tensor) -> torch.Tensor:
@@ -129,7 +132,7 @@ class Predictor(ABC):
     def observe(self, chunk: FactorChunk) -> None:
         """Pass 1: collect what the fit needs from one chunk of the observed trajectory."""
 
-    def fit(self) -> None:
+    def fit(self) -> None:  # noqa: B027 - optional hook: most predictors have nothing to train
         """After every chunk was observed (group-level models train here)."""
 
     @abstractmethod

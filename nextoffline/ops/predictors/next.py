@@ -19,6 +19,7 @@ Differences, on purpose: triplets come from the LoRA factors (never dense merges
 modules are modelled, signs are aligned along the trajectory (the reference does not; SVD sign
 flips would otherwise enter the training data), and training is seeded (deterministic on CPU).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,7 @@ from nextoffline.errors import NotEnoughCheckpointsError
 from nextoffline.ops.chunk import FactorChunk, contiguous_index, rank1_features
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 
-__all__ = ["NextPredictor", "NextNetwork"]
+__all__ = ["NextNetwork", "NextPredictor"]
 
 LOG = logging.getLogger(__name__)
 
@@ -93,8 +94,17 @@ class NextPredictor(Predictor):
 
     name = "next"
 
-    def __init__(self, horizon: int = 1, *, epochs: int = 1000, lr: float = 2e-5, hidden: int = 256,
-                 loss: str = "l1", seed: int = 0, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        horizon: int = 1,
+        *,
+        epochs: int = 1000,
+        lr: float = 2e-5,
+        hidden: int = 256,
+        loss: str = "l1",
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
         self.horizon = horizon
         self.epochs, self.lr, self.hidden, self.loss, self.seed = epochs, lr, hidden, loss, seed
         self.device = torch.device(device) if device is not None else None
@@ -196,9 +206,16 @@ class NextPredictor(Predictor):
         first_epoch_s = time.perf_counter() - started
         projected = first_epoch_s * self.epochs
         if projected >= LONG_TRAINING_S:
-            LOG.warning("next: training the %s network (d = %d) takes ~%.0f min on %s (%d epochs at %.2f s each); "
-                        "lower --next-epochs or pick another --method to finish sooner",
-                        label, dim, projected / 60, self.device, self.epochs, first_epoch_s)
+            LOG.warning(
+                "next: training the %s network (d = %d) takes ~%.0f min on %s (%d epochs at %.2f s each); "
+                "lower --next-epochs or pick another --method to finish sooner",
+                label,
+                dim,
+                projected / 60,
+                self.device,
+                self.epochs,
+                first_epoch_s,
+            )
 
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
         predicted = self._predicted[chunk_key(chunk)]
@@ -209,8 +226,15 @@ class NextPredictor(Predictor):
         return FactoredUpdate(left=left, right=v.unsqueeze(-2).to(device, dtype))
 
     def settings(self) -> dict[str, Any]:
-        return {"predictor": "next", "horizon": self.horizon, "epochs": self.epochs, "lr": self.lr,
-                "hidden": self.hidden, "loss": self.loss, "seed": self.seed}
+        return {
+            "predictor": "next",
+            "horizon": self.horizon,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "hidden": self.hidden,
+            "loss": self.loss,
+            "seed": self.seed,
+        }
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

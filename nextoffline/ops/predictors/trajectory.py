@@ -20,7 +20,7 @@ from nextoffline.ops.decompose import stacked_gram
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 from nextoffline.ops.regressors import Regressor, make_regressor
 
-__all__ = ["TrajectoryRank1Predictor", "WindowUpdate", "WindowGrams", "window_grams", "memoise_window_grams", "trajectory_rank1"]
+__all__ = ["TrajectoryRank1Predictor", "WindowGrams", "WindowUpdate", "memoise_window_grams", "trajectory_rank1", "window_grams"]
 
 _F64 = torch.float64
 
@@ -137,8 +137,9 @@ class WindowUpdate(FactoredUpdate):
     def plus_latest(self, b: torch.Tensor, a: torch.Tensor, scaling: torch.Tensor) -> tuple[FactoredUpdate, slice]:
         """``s B A + D`` is again a weighted sum of the window's updates (the latest one's weight
         plus one), so its Grams are the window Grams re-weighted: width ``W r``, not ``(W + 1) r``."""
-        if self.window_grams is None or not (_same_tensor(b, self.window.b[-1]) and _same_tensor(a, self.window.a[-1])
-                                             and _same_tensor(scaling, self.window.scaling)):
+        if self.window_grams is None or not (
+            _same_tensor(b, self.window.b[-1]) and _same_tensor(a, self.window.a[-1]) and _same_tensor(scaling, self.window.scaling)
+        ):
             return super().plus_latest(b, a, scaling)
         weights = self.weights.clone()
         weights[:, -1] += 1
@@ -190,7 +191,7 @@ class WindowUpdate(FactoredUpdate):
         coef = coef.to(b) * self._columns().to(b).unsqueeze(-1)
         out = b[0] @ coef[..., :r, :]
         for i in range(1, self.window.num_steps):
-            out.baddbmm_(b[i], coef[..., i * r:(i + 1) * r, :])
+            out.baddbmm_(b[i], coef[..., i * r : (i + 1) * r, :])
         return out
 
     def times_right(self, coef: torch.Tensor) -> torch.Tensor:
@@ -198,7 +199,7 @@ class WindowUpdate(FactoredUpdate):
         coef = coef.to(a)
         out = coef[..., :r] @ a[0]
         for i in range(1, self.window.num_steps):
-            out.baddbmm_(coef[..., i * r:(i + 1) * r], a[i])
+            out.baddbmm_(coef[..., i * r : (i + 1) * r], a[i])
         return out
 
 
@@ -254,4 +255,3 @@ def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
     if x.data_ptr() == y.data_ptr() and x.stride() == y.stride():
         return True
     return bool(torch.equal(x, y))
-
