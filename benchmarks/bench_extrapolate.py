@@ -97,15 +97,15 @@ def child_run(args) -> dict:
     acc: dict[str, float] = defaultdict(float)
     _instrument(acc)
     import nextoffline.output as output
-    from nextoffline.pipeline import RunSettings, extrapolate
+    from nextoffline.pipeline import NextOptions, PredictorOptions, RunSettings, extrapolate
     from nextoffline.trajectory import load_trajectory
 
     rss_import = common.peak_rss_gb()
     start = time.perf_counter()
     trajectory = load_trajectory(args.root)
     acc["load"] += time.perf_counter() - start
-    options = {"epochs": args.next_epochs} if args.method == "next" else {}
-    settings = RunSettings(device=torch.device(args.device), progress=False, next_options=options)
+    options = PredictorOptions(next=NextOptions(epochs=args.next_epochs))
+    settings = RunSettings(device=torch.device(args.device), progress=False, predictors=options)
     result = extrapolate(trajectory, settings, method=args.method, coefs=[1.0])
     out = args.out / f"out-{args.method}"
     output.save_extrapolation(out, trajectory, result, command=f"bench_extrapolate --method {args.method}", overwrite=True)

@@ -52,7 +52,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import HubError, SourceNotFoundError
+from nextoffline.formats.base import STEP_DIR
 
 __all__ = ["HubSource", "is_hub_source", "materialize_source", "parse_hub_source", "push_folder"]
 
@@ -62,14 +64,14 @@ HF_SCHEME = "hf://"
 SOURCE_SYNTAX = "hf://owner/repo[@revision][/subfolder]"
 DEFAULT_REVISION = "main"
 
-#: Branch names that carry a step (the step folder names the local readers accept).
-_STEP_BRANCH = re.compile(r"(?:checkpoint-|global_step_?|step[_-]|iter_)\d+")
+#: Branch names that carry a step: the step folder names the local readers accept.
+_STEP_BRANCH = STEP_DIR
 #: Folder names that carry a step, plus OpenRLHF's ``global_stepN_hf`` adapter folders.
-_STEP_FOLDER = re.compile(r"(?:checkpoint-|global_step_?|step[_-]|iter_)\d+(?:_hf)?")
+_STEP_FOLDER = re.compile(STEP_DIR.pattern + r"(?:_hf)?")
 #: Files holding a step's LoRA weights: PEFT adapters, verl FSDP model shards.
-_WEIGHT_FILE = re.compile(r"adapter_model\.(?:safetensors|bin)|model_world_size_\d+_rank_\d+\.pt")
+_WEIGHT_FILE = re.compile("|".join(map(re.escape, ADAPTER_WEIGHTS_NAMES)) + r"|model_world_size_\d+_rank_\d+\.pt")
 
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "model_world_size_*_rank_*.pt", "*.json")
+_ADAPTER_FILES = (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES, "model_world_size_*_rank_*.pt", "*.json")
 #: Optimizer / scheduler / FSDP / DeepSpeed shards, RNG states, trainer args, ``latest`` trackers, HF configs
 #: (``trainer_state.json`` is among the JSON files above).
 _TRAINER_STATE_FILES = ("*.pt", "rng_state*.pth", "training_args.bin", "latest*", "huggingface/*")

@@ -17,11 +17,9 @@ caller computes on the current one):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ import torch
 
 from nextoffline.errors import AdapterFileError, NumericalError
 from nextoffline.io.reader import SafetensorsReader, TensorReader, open_tensors
+from nextoffline.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 from nextoffline.ops.chunk import FactorChunk
 from nextoffline.ops.device import COMPUTE_DTYPE, to_compute
 from nextoffline.types import LoraModule, Trajectory
@@ -52,8 +51,6 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -116,20 +113,22 @@ class _Entry:
     nbytes: int
 
 
+#: Float dtypes the raw reader widens itself (others go through the lazy reader).
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
 @lru_cache(maxsize=256)
 def _layout(path: str, size: int, mtime_ns: int) -> dict[str, _Entry]:
     """Key -> position of the tensor bytes in a safetensors file (header only; cached)."""
     del size, mtime_ns  # cache key only
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-    base = 8 + header_len
+    header = read_safetensors_header(Path(path))
     out = {}
-    for key, spec in header.items():
-        if key == "__metadata__" or spec.get("dtype") not in _ST_DTYPES:
+    for key, spec in header.tensors.items():
+        dtype = SAFETENSORS_DTYPES[spec["dtype"]]
+        if dtype not in _FLOAT_DTYPES:
             continue
         begin, end = spec["data_offsets"]
-        out[key] = _Entry(_ST_DTYPES[spec["dtype"]], tuple(int(d) for d in spec["shape"]), base + int(begin), int(end) - int(begin))
+        out[key] = _Entry(dtype, tuple(int(d) for d in spec["shape"]), header.data_start + int(begin), int(end) - int(begin))
     return out
 
 
@@ -139,7 +138,7 @@ def _safetensors_layout(reader: TensorReader) -> dict[str, _Entry] | None:
     stat = reader.path.stat()
     try:
         return _layout(str(reader.path), stat.st_size, stat.st_mtime_ns)
-    except (OSError, ValueError, KeyError, struct.error):
+    except (OSError, AdapterFileError):
         return None  # the reader validated the file; fall back to it for the error message
 
 
@@ -329,6 +328,7 @@ def iter_chunks(
     step_index: Sequence[int] | None = None,
     prefetch: bool | None = None,
     reuse: bool = False,
+    modules: Collection[str] | None = None,
 ) -> Iterator[tuple[ChunkPlan, FactorChunk]]:
     """Every chunk of the trajectory, in plan order; with ``prefetch`` the next chunk's bytes are
     read in a background thread while the caller works on the current one (file reads release
@@ -340,10 +340,14 @@ def iter_chunks(
     chunk tensors are reused too: each yielded chunk's ``b``/``a`` are overwritten by the next
     one, so the consumer must not keep them (or views of them) past its iteration.
 
+    ``modules`` (default: all) restricts the read to the chunks holding one of these modules.
+
     Memory: two raw chunks (stored dtype) and one widened chunk at a time.
     """
     index = None if step_index is None else list(step_index)
     plans = plan_chunks(trajectory, num_steps=len(index) if index is not None else None, budget_bytes=budget_bytes)
+    if modules is not None:
+        plans = [plan for plan in plans if any(name in modules for name in plan.names)]
     pin = _pin(device)
     if prefetch is None:
         prefetch = device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()

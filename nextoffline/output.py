@@ -1,7 +1,8 @@
 """Persist extrapolations: PEFT adapter folders, manifest, model card, resumable checkpoints.
 
-Everything is written into one temporary folder that is moved into place at the end
-(:class:`~nextoffline.io.writer.AtomicOutputDir`).
+Names, the manifest and the card are :mod:`nextoffline.artifacts`'; this module fills them
+from an :class:`~nextoffline.pipeline.Extrapolation`. Everything is written into one temporary
+folder that is moved into place at the end (:class:`~nextoffline.io.writer.AtomicOutputDir`).
 """
 
 from __future__ import annotations
@@ -21,19 +22,32 @@ from typing import Any
 import torch
 
 from nextoffline import __version__
-from nextoffline.card import build_manifest, model_card
+from nextoffline.artifacts import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    RESUME_DIR,
+    Manifest,
+    candidate_label,
+    read_manifest,
+    write_manifest,
+)
 from nextoffline.formats import get_format
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME
-from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_json, write_safetensors, write_text
+from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_safetensors
 from nextoffline.pipeline import Candidate, Extrapolation
 from nextoffline.types import ResumeInfo, Trajectory
 
-__all__ = ["MANIFEST_NAME", "candidate_label", "save_extrapolation", "source_record", "write_adapter_folder"]
+__all__ = [
+    "build_manifest",
+    "candidate_labels",
+    "candidate_record",
+    "extrapolation_record",
+    "output_sources",
+    "save_extrapolation",
+    "source_record",
+    "write_adapter_folder",
+]
 
 LOG = logging.getLogger(__name__)
-
-MANIFEST_NAME = "nextoffline.json"
-RESUME_DIR = "resume"
 
 
 def _sha256(path: Path) -> str:
@@ -70,15 +84,35 @@ def source_record(trajectory: Trajectory) -> dict[str, Any]:
     }
 
 
-def candidate_label(candidate: Candidate) -> str:
-    """Folder name of one sweep candidate, e.g. ``coef_1.5`` or ``step_120``."""
-    if float(candidate.target_step).is_integer() and not _is_round(candidate.coef):
-        return f"step_{int(candidate.target_step)}"
-    return f"coef_{candidate.coef:g}"
+def output_sources(trajectory: Trajectory) -> tuple[Path, ...]:
+    """Folders an output must not be written into or over (the source and every step's checkpoint)."""
+    return (trajectory.source, *(ref.checkpoint_dir for ref in trajectory.steps))
 
 
-def _is_round(value: float) -> bool:
-    return math.isclose(value * 4, round(value * 4), abs_tol=1e-9)
+def candidate_labels(extrapolation: Extrapolation) -> list[str]:
+    """Folder name of every candidate (:func:`~nextoffline.artifacts.candidate_label`), e.g. ``coef_1.5``, ``step_120``."""
+    return [candidate_label(c.coef, c.target_step, by_step=c.by_step) for c in extrapolation.candidates]
+
+
+def build_manifest(
+    trajectory_source: Mapping[str, Any],
+    extrapolation: Extrapolation,
+    record: Mapping[str, Any],
+    *,
+    command: str,
+    candidates: list[Mapping[str, Any]] | None = None,
+    lower_is_better: bool | None = None,
+) -> Manifest:
+    """The manifest of one adapter folder of ``extrapolation`` (``record``: its candidate)."""
+    return Manifest(
+        version=__version__,
+        command=command,
+        source=dict(trajectory_source),
+        extrapolation=extrapolation_record(extrapolation),
+        selected=dict(record),
+        candidates=[dict(c) for c in candidates] if candidates is not None else None,
+        lower_is_better=lower_is_better,
+    )
 
 
 def candidate_record(candidate: Candidate) -> dict[str, Any]:
@@ -127,7 +161,7 @@ def _pattern(module: str) -> str:
 
 
 def write_adapter_folder(
-    folder: Path, trajectory: Trajectory, extrapolation: Extrapolation, candidate: Candidate, manifest: dict[str, Any]
+    folder: Path, trajectory: Trajectory, extrapolation: Extrapolation, candidate: Candidate, manifest: Manifest
 ) -> None:
     """One PEFT adapter folder: config, weights, manifest, card."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,9 +176,8 @@ def write_adapter_folder(
         "predicted_step": f"{candidate.target_step:g}",
         "coefficient": f"{candidate.coef:g}",
     }
-    write_safetensors(folder / "adapter_model.safetensors", candidate.tensors, metadata)
-    write_json(folder / MANIFEST_NAME, manifest)
-    write_text(folder / "README.md", model_card(manifest))
+    write_safetensors(folder / ADAPTER_WEIGHTS_NAME, candidate.tensors, metadata)
+    write_manifest(folder, manifest)
 
 
 def _required_bytes(trajectory: Trajectory, count: int, resumable: bool) -> int:
@@ -164,31 +197,31 @@ def save_extrapolation(
     scores: Mapping[int, Mapping[str, Any]] | None = None,
     keep: list[int] | None = None,
     extra_dirs: Mapping[str, Path] | None = None,
-    labels: list[str] | None = None,
+    lower_is_better: bool | None = None,
+    source: Mapping[str, Any] | None = None,
+    location_checked: bool = False,
 ) -> tuple[Path, ResumeInfo | None]:
     """Write the extrapolation atomically under ``out_dir``.
 
-    One kept candidate: ``out_dir`` is the adapter folder. Several: one subfolder each
-    (named by ``labels``, default :func:`candidate_label`). ``resumable`` adds ``out_dir/resume/`` in the source
-    trainer's layout, built from the single kept candidate.
+    One kept candidate: ``out_dir`` is the adapter folder. Several: one subfolder each, named
+    by :func:`candidate_labels`. ``resumable`` adds ``out_dir/resume/`` in the source
+    trainer's layout, built from the single kept candidate. ``location_checked``: the caller
+    already ran :func:`~nextoffline.io.writer.check_output_location` (before its compute).
     """
     keep = list(range(len(extrapolation.candidates))) if keep is None else keep
-    check_output_location(out_dir, sources=(trajectory.source, *(r.checkpoint_dir for r in trajectory.steps)), overwrite=overwrite)
-    source = source_record(trajectory)
+    if not location_checked:
+        check_output_location(out_dir, sources=output_sources(trajectory), overwrite=overwrite)
+    source = source if source is not None else source_record(trajectory)
+    labels = candidate_labels(extrapolation)
     records = [dict(candidate_record(c), **(scores or {}).get(i, {})) for i, c in enumerate(extrapolation.candidates)]
     all_records = records if scores else None
     resume_info = None
     with AtomicOutputDir(out_dir, overwrite=overwrite, required_bytes=_required_bytes(trajectory, len(keep), resumable)) as tmp:
         for index in keep:
             candidate = extrapolation.candidates[index]
-            folder = tmp if len(keep) == 1 else tmp / (labels[index] if labels else candidate_label(candidate))
+            folder = tmp if len(keep) == 1 else tmp / labels[index]
             manifest = build_manifest(
-                version=__version__,
-                command=command,
-                source=source,
-                extrapolation=extrapolation_record(extrapolation),
-                candidate=records[index],
-                candidates=all_records,
+                source, extrapolation, records[index], command=command, candidates=all_records, lower_is_better=lower_is_better
             )
             write_adapter_folder(folder, trajectory, extrapolation, candidate, manifest)
         if resumable and len(keep) == 1:
@@ -208,13 +241,11 @@ def finish_resumable(tmp: Path, trajectory: Trajectory) -> ResumeInfo:
     target = tmp / RESUME_DIR
     target.mkdir()
     info = fmt.write_resumable(trajectory.latest, tmp, target)
-    manifest_path = tmp / MANIFEST_NAME
-    manifest = json.loads(manifest_path.read_text())
-    manifest["resume"] = {
+    resume = {
         "format": fmt.name,
         "checkpoint_dir": str(info.checkpoint_dir.relative_to(tmp)),
         "command": info.command,
         "notes": list(info.notes),
     }
-    write_json(manifest_path, manifest)
+    write_manifest(tmp, read_manifest(tmp).with_resume(resume))
     return info

@@ -1,26 +1,35 @@
 """Orchestration: trajectory -> chunks -> predictors -> factors. No math, no argument parsing.
 
 Every public function works in memory and returns plain results; :mod:`nextoffline.output`
-persists them. The CLI and the Python API both call these.
+persists them. The CLI, the report and the Python API all stream the trajectory through
+:func:`stream_chunks` and feed predictors with :func:`observe`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
-from nextoffline.loader import DEFAULT_CHUNK_BYTES, iter_chunks, open_readers, plan_chunks
+from nextoffline.loader import DEFAULT_CHUNK_BYTES, ChunkPlan, iter_chunks, open_readers, plan_chunks
 from nextoffline.ops.chunk import FactorChunk, rank1_features
 from nextoffline.ops.decompose import frobenius_sq
-from nextoffline.ops.predictors import Predictor, auto_candidates, make_predictor
-from nextoffline.ops.predictors.trajectory import memoise_window_grams, trajectory_rank1, window_grams
+from nextoffline.ops.predictors import (
+    NextOptions,
+    Predictor,
+    PredictorOptions,
+    auto_candidates,
+    gram_cache_bytes,
+    make_predictor,
+    shared_trajectory_gram,
+    trajectory_energy,
+)
 from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
 from nextoffline.types import Trajectory
 
@@ -28,13 +37,22 @@ __all__ = [
     "BacktestResult",
     "Candidate",
     "Extrapolation",
+    "NextOptions",
+    "PredictorOptions",
     "RunSettings",
+    "Target",
     "backtest",
+    "build_candidates",
     "default_horizon",
     "extrapolate",
+    "fit_all",
+    "fit_predictors",
     "horizon_steps",
     "inspect_trajectory",
+    "make_predictors",
+    "observe",
     "resolve_targets",
+    "stream_chunks",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -46,13 +64,23 @@ AUTO_MAX_ERROR = 0.95
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Compute settings shared by every phase."""
+    """The compute policy of every phase, and the predictors' options.
+
+    Attributes:
+        device: compute device.
+        chunk_bytes: memory budget of one module batch (float32 factors over all steps).
+        progress: show progress bars.
+        predictors: predictor hyperparameters (horizon, NExt training).
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: bool = True
-    horizon: int | None = None
-    next_options: dict[str, Any] = field(default_factory=dict)
+    predictors: PredictorOptions = field(default_factory=PredictorOptions)
+
+    def horizon_for(self, num_steps: int) -> int:
+        """The horizon in checkpoints for a trajectory (or prefix) of ``num_steps`` checkpoints."""
+        return self.predictors.horizon or default_horizon(num_steps)
 
 
 def default_horizon(num_steps: int) -> int:
@@ -66,22 +94,46 @@ def horizon_steps(trajectory: Trajectory, horizon: int) -> float:
     return (steps[-1] - steps[0]) / (len(steps) - 1) * horizon
 
 
-def _progress(items: Sequence[Any], desc: str, settings: RunSettings) -> Any:
-    return tqdm(items, desc=desc, unit="group", disable=not settings.progress, leave=False)
-
-
-def _chunks(trajectory: Trajectory, settings: RunSettings, desc: str, *, reuse: bool = True):
-    """Yield every chunk of the trajectory over all its steps (one read of the files).
+def stream_chunks(
+    trajectory: Trajectory, settings: RunSettings, desc: str, *, reuse: bool = True, modules: Collection[str] | None = None
+) -> Iterator[tuple[ChunkPlan, FactorChunk]]:
+    """Yield every chunk of the trajectory over all its steps (one read of the files); with
+    ``modules``, only the chunks holding one of them.
 
     With ``reuse`` (default) each chunk's factor tensors live in memory that the next chunk
     overwrites (filling fresh memory for every chunk cost 5.7 s instead of 2.4 s per pass over
     the 7B-shaped benchmark): consumers and predictors keep computed results, never views.
     """
-    total = len(plan_chunks(trajectory, budget_bytes=settings.chunk_bytes))
+    plans = plan_chunks(trajectory, budget_bytes=settings.chunk_bytes)
+    total = sum(1 for p in plans if modules is None or any(name in modules for name in p.names))
     with tqdm(total=total, desc=desc, unit="group", disable=not settings.progress, leave=False) as bar:
-        for plan, chunk in iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes, reuse=reuse):
+        chunks = iter_chunks(trajectory, settings.device, budget_bytes=settings.chunk_bytes, reuse=reuse, modules=modules)
+        for plan, chunk in chunks:
             yield plan, chunk
             bar.update(1)
+
+
+def make_predictors(methods: Iterable[str], settings: RunSettings, horizon: int) -> dict[str, Predictor]:
+    """A fresh predictor per method name, with the settings' options."""
+    return {m: make_predictor(m, horizon=horizon, next_options=settings.predictors.next) for m in methods}
+
+
+def observe(predictors: dict[str, Predictor], name: str, chunk: FactorChunk, failures: dict[str, str]) -> bool:
+    """``predictors[name].observe(chunk)``; a predictor that cannot use the steps is dropped
+    (its reason kept in ``failures``)."""
+    try:
+        predictors[name].observe(chunk)
+    except NotEnoughCheckpointsError as exc:
+        failures[name] = str(exc)
+        del predictors[name]
+        return False
+    return True
+
+
+def fit_all(predictors: dict[str, Predictor], settings: RunSettings) -> None:
+    """Fit every predictor that learns across chunks (after they observed every chunk)."""
+    for name in tqdm(list(predictors), desc="fit", unit="group", disable=not settings.progress, leave=False):
+        predictors[name].fit()
 
 
 # ---------------------------------------------------------------------------------------- inspect
@@ -93,7 +145,7 @@ def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[st
     global_top, global_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     local_top, local_total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
     explained_num, explained_den = 0.0, 0.0
-    for _plan, chunk in _chunks(trajectory, settings, "inspect"):
+    for _plan, chunk in stream_chunks(trajectory, settings, "inspect"):
         features = rank1_features(chunk, horizon=k)  # global and local deltas from shared Gram blocks
         for t in range(k):
             global_top[t] += features.global_[t].sigma.double().square().sum().cpu()
@@ -101,10 +153,8 @@ def inspect_trajectory(trajectory: Trajectory, settings: RunSettings) -> dict[st
             if t:
                 local_top[t] += features.local[t].sigma.double().square().sum().cpu()
                 local_total[t] += features.local_energy[t].sum().cpu()
-        grams = window_grams(chunk)
-        rank1 = trajectory_rank1(chunk, grams)
-        energy = grams.trajectory(chunk.scaling, chunk.b.shape[-1])[:, -1, -1].cpu()  # |dW_latest|^2
-        explained_num += float((rank1.explained.cpu() * energy).sum())
+        explained, energy = trajectory_energy(chunk)  # weighted by |dW_latest|^2
+        explained_num += float((explained.cpu() * energy.cpu()).sum())
         explained_den += float(energy.sum())
     return {
         "source": trajectory.source_label,
@@ -178,7 +228,7 @@ class _HoldoutErrors:
     ``|dW_t - dW_p|_F^2`` (the error of stopping at ``p``).
 
     An update that is a weighted sum of the chunk's step updates (RELEX-style predictors) is
-    scored with the trajectory Gram ``<dW_i, dW_j>`` of the whole chunk (memoised window Grams):
+    scored with the trajectory Gram ``<dW_i, dW_j>`` of the whole chunk (shared with the predictors):
     a quadratic form, no pass over the factors. Others are scored through the Grams of the
     stacked difference.
     """
@@ -225,25 +275,8 @@ class _HoldoutErrors:
         return torch.einsum("ni,nij,nj->n", coef, gram, coef).clamp_min(0)
 
 
-#: Memoised float64 window Grams are kept up to the chunk budget, and at least this much.
-_MEMO_MIN_BYTES = 256 * 2**20
-
-
-def _memo_bytes(chunk: FactorChunk) -> int:
-    """Bytes of the float64 window Grams over every step of ``chunk`` (both sides)."""
-    width = chunk.num_steps * chunk.b.shape[-1]
-    return 2 * len(chunk.names) * width * width * 8
-
-
-def _observe(predictors: dict[str, Predictor], name: str, chunk: FactorChunk, failures: dict[str, str]) -> bool:
-    """``predictors[name].observe(chunk)``; a predictor that cannot use the steps is dropped."""
-    try:
-        predictors[name].observe(chunk)
-    except NotEnoughCheckpointsError as exc:
-        failures[name] = str(exc)
-        del predictors[name]
-        return False
-    return True
+#: Shared float64 trajectory Grams are kept up to the chunk budget, and at least this much.
+GRAM_CACHE_MIN_BYTES = 256 * 2**20
 
 
 def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, *, holdout: int = 2) -> BacktestResult:
@@ -259,30 +292,29 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
             "at least 3 are needed: lower --holdout, or (extrapolate) pick a predictor with --method to skip the backtest"
         )
     prefix = list(range(k - holdout))
-    horizon = settings.horizon or default_horizon(len(prefix))
-    predictors = {m: make_predictor(m, horizon=horizon, options=settings.next_options) for m in methods}
+    predictors = make_predictors(methods, settings, settings.horizon_for(len(prefix)))
     failures: dict[str, str] = {}
     err = {name: torch.zeros(holdout, dtype=torch.float64) for name in predictors}
     base = torch.zeros(holdout, dtype=torch.float64)
     # pass 1: every predictor observes the prefix; per-chunk predictors are scored right away
-    for _plan, chunk in _chunks(trajectory, settings, "backtest"):
+    for _plan, chunk in stream_chunks(trajectory, settings, "backtest"):
         gram = None
-        if any(p.fits_per_chunk for p in predictors.values()) and _memo_bytes(chunk) <= max(settings.chunk_bytes, _MEMO_MIN_BYTES):
-            # one Gram computation serves every window and the scores (quadratic forms: float64)
-            gram = memoise_window_grams(chunk, torch.float64).trajectory(chunk.scaling, chunk.b.shape[-1])
+        if any(p.fits_per_chunk for p in predictors.values()) and gram_cache_bytes(chunk) <= max(
+            settings.chunk_bytes, GRAM_CACHE_MIN_BYTES
+        ):
+            gram = shared_trajectory_gram(chunk)  # one computation serves every window and the scores
         holdout_errors = _HoldoutErrors(chunk, prefix, gram)
         base += holdout_errors.base
         observed = chunk.select_steps(prefix)
         for name in list(predictors):
-            if not _observe(predictors, name, observed, failures):
+            if not observe(predictors, name, observed, failures):
                 continue
             if predictors[name].fits_per_chunk:
                 err[name] += holdout_errors.of(predictors[name], observed)
     group_level = {name: p for name, p in predictors.items() if not p.fits_per_chunk}
-    for name in _progress(list(group_level), "fit", settings):
-        group_level[name].fit()
+    fit_all(group_level, settings)
     if group_level:  # pass 2: predictors fitted on every chunk at once
-        for _plan, chunk in _chunks(trajectory, settings, "backtest"):
+        for _plan, chunk in stream_chunks(trajectory, settings, "backtest"):
             holdout_errors = _HoldoutErrors(chunk, prefix)
             observed = chunk.select_steps(prefix)
             for name, predictor in group_level.items():
@@ -298,18 +330,17 @@ def _safe_sqrt_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else (1.0 if float(num) == 0 else math.inf)
 
 
-def _fit_predictors(
+def fit_predictors(
     trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, step_index: list[int], horizon: int
 ) -> tuple[dict[str, Predictor], dict[str, str]]:
     """Pass 1: stream the observed steps through every predictor, then fit them."""
-    predictors = {m: make_predictor(m, horizon=horizon, options=settings.next_options) for m in methods}
+    predictors = make_predictors(methods, settings, horizon)
     failures: dict[str, str] = {}
-    for _plan, chunk in _chunks(trajectory, settings, "decompose"):
+    for _plan, chunk in stream_chunks(trajectory, settings, "decompose"):
         observed = chunk.select_steps(step_index)
         for name in list(predictors):
-            _observe(predictors, name, observed, failures)
-    for name in _progress(list(predictors), "fit", settings):
-        predictors[name].fit()
+            observe(predictors, name, observed, failures)
+    fit_all(predictors, settings)
     return predictors, failures
 
 
@@ -327,6 +358,7 @@ class Candidate:
     kept_energy_min: float
     relative_update: float
     gauge_resets: int
+    by_step: bool = False  # requested by target step (``--to-step``), not by coefficient
 
 
 @dataclass
@@ -343,10 +375,16 @@ class Extrapolation:
     note: str = ""
 
 
-def resolve_targets(
-    trajectory: Trajectory, *, horizon: int, coefs: Sequence[float] = (), to_steps: Sequence[float] = ()
-) -> list[tuple[float, float]]:
-    """``(target_step, coef)`` pairs from ``--coef`` and/or ``--to-step`` values.
+class Target(NamedTuple):
+    """One requested candidate: a step, its coefficient, and whether it was asked for by step."""
+
+    step: float
+    coef: float
+    by_step: bool = False
+
+
+def resolve_targets(trajectory: Trajectory, *, horizon: int, coefs: Sequence[float] = (), to_steps: Sequence[float] = ()) -> list[Target]:
+    """Targets from ``--coef`` and/or ``--to-step`` values, coefficients first.
 
     A coefficient ``c`` stands for the step ``t_last + c * horizon_steps``.
     """
@@ -356,11 +394,11 @@ def resolve_targets(
     for coef in coefs:
         if not math.isfinite(coef) or coef < 0:
             raise UsageError(f"--coef {coef}: coefficients must be finite and >= 0 (0 = the latest checkpoint)")
-        pairs.append((last + coef * span, float(coef)))
+        pairs.append(Target(last + coef * span, float(coef)))
     for step in to_steps:
         if not math.isfinite(step) or step <= last:
             raise UsageError(f"--to-step {step:g}: the target must be after the last checkpoint (step {last})")
-        pairs.append((float(step), (step - last) / span))
+        pairs.append(Target(float(step), (step - last) / span, by_step=True))
     if not pairs:
         raise UsageError("give --to-step N or --coef C (comma lists allowed)")
     return pairs
@@ -380,7 +418,7 @@ def extrapolate(
     if rank_policy not in ("keep", "grow"):
         raise UsageError(f"--rank-policy {rank_policy!r}: use keep or grow")
     k = len(trajectory.steps)
-    horizon = settings.horizon or default_horizon(k)
+    horizon = settings.horizon_for(k)
     targets = resolve_targets(trajectory, horizon=horizon, coefs=coefs, to_steps=to_steps)
     report, note = None, ""
     if method == "auto":
@@ -395,22 +433,22 @@ def extrapolate(
             return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
         method = best
         note = f"auto selected {best} (backtest error {error:.3f} vs 1.0 for stopping)"
-    predictor = make_predictor(method, horizon=horizon, options=settings.next_options)
+    predictor = make_predictors([method], settings, horizon)[method]
     if predictor.fits_per_chunk:
-        candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings, observe=True)
+        candidates = build_candidates(trajectory, predictor, targets, rank_policy, settings, observe=True)
     else:
-        predictors, failures = _fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
+        predictors, failures = fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
         if method in failures:
             raise NotEnoughCheckpointsError(failures[method])
         predictor = predictors[method]
-        candidates = _build_candidates(trajectory, predictor, targets, rank_policy, settings)
+        candidates = build_candidates(trajectory, predictor, targets, rank_policy, settings)
     return Extrapolation(method, predictor.settings(), horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
 
 
 def _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings) -> Extrapolation:
     """Candidates equal to the latest adapter (what ``auto`` returns when nothing helps)."""
     tensors = _latest_tensors(trajectory)
-    candidates = [Candidate(step, coef, dict(tensors), 1.0, 1.0, 0.0, 0) for step, coef in targets]
+    candidates = [Candidate(t.step, t.coef, dict(tensors), 1.0, 1.0, 0.0, 0, t.by_step) for t in targets]
     return Extrapolation("none", {"predictor": "none"}, horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
 
 
@@ -426,10 +464,10 @@ def _latest_tensors(trajectory: Trajectory, *, passthrough_only: bool = False) -
     return tensors
 
 
-def _build_candidates(
+def build_candidates(
     trajectory: Trajectory,
     predictor: Predictor,
-    targets: list[tuple[float, float]],
+    targets: list[Target],
     rank_policy: str,
     settings: RunSettings,
     *,
@@ -444,13 +482,13 @@ def _build_candidates(
     outputs = [dict(latest) for _ in targets]
     stats = [{"kept": [], "weights": [], "update": 0.0, "base": 0.0, "resets": 0} for _ in targets]
     refactor = refactor_keep_rank if rank_policy == "keep" else refactor_grow_rank
-    for plan, chunk in _chunks(trajectory, settings, "extrapolate"):
+    for plan, chunk in stream_chunks(trajectory, settings, "extrapolate"):
         if observe:
             predictor.observe(chunk)
         b_last, a_last = chunk.b[-1], chunk.a[-1]
         base_sq = frobenius_sq(*chunk.update(chunk.num_steps - 1)).cpu()
-        for (step, _coef), out, stat in zip(targets, outputs, stats):
-            update = predictor.predict_update(chunk, step)
+        for target, out, stat in zip(targets, outputs, stats):
+            update = predictor.predict_update(chunk, target.step)
             result = refactor(b_last, a_last, chunk.scaling, update)
             _store(plan.modules, result.b, result.a, out, trajectory)
             stat["kept"].append(result.kept_energy.cpu())
@@ -458,7 +496,7 @@ def _build_candidates(
             stat["update"] += float(stat["weights"][-1].sum())
             stat["base"] += float(base_sq.sum())
             stat["resets"] += int(result.gauge_reset.sum())
-    return [_candidate(step, coef, out, stat) for (step, coef), out, stat in zip(targets, outputs, stats)]
+    return [_candidate(target, out, stat) for target, out, stat in zip(targets, outputs, stats)]
 
 
 def _store(modules, b: torch.Tensor, a: torch.Tensor, out: dict[str, torch.Tensor], trajectory: Trajectory) -> None:
@@ -476,8 +514,8 @@ def _store(modules, b: torch.Tensor, a: torch.Tensor, out: dict[str, torch.Tenso
             out[key] = value
 
 
-def _candidate(step: float, coef: float, tensors: dict[str, torch.Tensor], stat: dict[str, Any]) -> Candidate:
+def _candidate(target: Target, tensors: dict[str, torch.Tensor], stat: dict[str, Any]) -> Candidate:
     kept, weights = torch.cat(stat["kept"]), torch.cat(stat["weights"]).double()
     weighted = float((kept * weights).sum() / weights.sum()) if float(weights.sum()) > 0 else 1.0
     relative = math.sqrt(stat["update"] / stat["base"]) if stat["base"] > 0 else 0.0
-    return Candidate(step, coef, tensors, weighted, float(kept.min()), relative, stat["resets"])
+    return Candidate(target.step, target.coef, tensors, weighted, float(kept.min()), relative, stat["resets"], target.by_step)

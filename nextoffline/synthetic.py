@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.io.writer import write_safetensors
 
 __all__ = ["LAWS", "SyntheticSpec", "qwen_like_modules", "synthetic_factors", "tiny_modules", "write_synthetic_trajectory"]
@@ -105,7 +106,7 @@ def write_synthetic_trajectory(root: Path, spec: SyntheticSpec, *, dir_pattern: 
             b, a = synthetic_factors(spec, step, index)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(spec.dtype)
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(spec.dtype)
-        write_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(folder / ADAPTER_WEIGHTS_NAME, tensors, {"format": "pt"})
+        (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         folders.append(folder)
     return folders

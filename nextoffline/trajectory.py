@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -24,7 +25,8 @@ from nextoffline.errors import (
     UsageError,
 )
 from nextoffline.formats import detect_format, get_format
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights
+from nextoffline.formats.base import find_adapter_weights
+from nextoffline.formats.lora_keys import match_lora_key
 from nextoffline.io.reader import open_tensors
 from nextoffline.types import LoraModule, StepRef, Trajectory
 
@@ -33,8 +35,6 @@ __all__ = ["MIN_STEPS", "load_trajectory", "module_scaling", "parse_adapter_pair
 LOG = logging.getLogger(__name__)
 
 MIN_STEPS = 3
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_LORA_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
 #: Tensor-name components (prefixes) that belong to other adapter types.
 _UNSUPPORTED_KEY_MARKERS = {
     "lora_magnitude_vector": "DoRA",
@@ -184,7 +184,7 @@ def _resolve_steps(source: Path | None, adapters: Mapping[int, Path] | None, for
         for step, folder in sorted(adapters.items()):
             if not folder.is_dir():
                 raise SourceNotFoundError(f"{folder}: adapter folder for step {step} does not exist; fix --adapter {step}=PATH")
-            weights = find_adapter_weights(folder) or folder / "adapter_model.safetensors"
+            weights = find_adapter_weights(folder) or folder / ADAPTER_WEIGHTS_NAME
             refs.append(StepRef(step=step, adapter_dir=folder, weights_file=weights, checkpoint_dir=folder))
         return get_format("peft"), refs
     assert source is not None
@@ -340,13 +340,13 @@ def _build_modules(weights: Path, header: Mapping[str, Any], config: Mapping[str
                 raise UnsupportedAdapterError(
                     f"{weights}: tensor {key} is not plain LoRA ({kind}); nextoffline handles plain LoRA adapters only"
                 )
-        match = _LORA_KEY.match(key) or _LORA_EMBEDDING_KEY.match(key)
-        if match is None:
+        parsed = match_lora_key(key)
+        if parsed is None:
             passthrough.append(key)
             continue
-        if "lora_embedding" in key:
-            embeddings.add(match["module"])
-        parts.setdefault(match["module"], {})[match["part"]] = key
+        if parsed.embedding:
+            embeddings.add(parsed.module)
+        parts.setdefault(parsed.module, {})[parsed.part] = key
     if not parts:
         raise AdapterFileError(f"{weights}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight); is this a LoRA adapter?")
     modules = [_make_module(weights, name, keys, header, config, name in embeddings) for name, keys in sorted(parts.items())]

@@ -238,20 +238,26 @@ def test_per_chunk_predictors_read_the_trajectory_once(linear_run: Path, monkeyp
     from nextoffline.trajectory import load_trajectory
 
     calls = []
-    original, original_fit = pipeline._chunks, pipeline._fit_predictors
+    original = pipeline.stream_chunks
 
     def counting(*args, **kwargs):
         calls.append(args[-1])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_chunks", counting)
+    monkeypatch.setattr(pipeline, "stream_chunks", counting)
     trajectory = load_trajectory(linear_run)
-    settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, next_options={"epochs": 2})
+    settings = pipeline.RunSettings(
+        device=torch.device("cpu"), progress=False, predictors=pipeline.PredictorOptions(next=pipeline.NextOptions(epochs=2))
+    )
     single = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0])
     assert len(calls) == passes
     if method == "linear":  # same answer as observing every chunk first (Grams recomputed), then predicting
-        predictors, _failures = original_fit(trajectory, ["linear"], settings, list(range(len(trajectory.steps))), single.horizon)
-        two_pass = pipeline._build_candidates(trajectory, predictors["linear"], [(single.candidates[0].target_step, 1.0)], "keep", settings)
+        predictors, _failures = pipeline.fit_predictors(
+            trajectory, ["linear"], settings, list(range(len(trajectory.steps))), single.horizon
+        )
+        two_pass = pipeline.build_candidates(
+            trajectory, predictors["linear"], [pipeline.Target(single.candidates[0].target_step, 1.0)], "keep", settings
+        )
         for key, value in single.candidates[0].tensors.items():
             assert torch.allclose(value, two_pass[0].tensors[key], rtol=1e-4, atol=1e-7), key
 
@@ -294,16 +300,18 @@ def test_reused_chunk_memory_changes_no_result(linear_run: Path, monkeypatch: py
     from nextoffline.trajectory import load_trajectory
 
     trajectory = load_trajectory(linear_run)
-    settings = pipeline.RunSettings(device=torch.device("cpu"), progress=False, next_options={"epochs": 3}, chunk_bytes=1)
+    settings = pipeline.RunSettings(
+        device=torch.device("cpu"), progress=False, predictors=pipeline.PredictorOptions(next=pipeline.NextOptions(epochs=3)), chunk_bytes=1
+    )
     assert len(pipeline.plan_chunks(trajectory, budget_bytes=1)) == len(trajectory.modules) > 1
     reused = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0, 2.0])
-    original = pipeline._chunks
+    original = pipeline.stream_chunks
 
     def private_copies(*args, **kwargs):
         for plan, chunk in original(*args, **kwargs):
             yield plan, FactorChunk(chunk.names, chunk.steps.clone(), chunk.b.clone(), chunk.a.clone(), chunk.scaling.clone())
 
-    monkeypatch.setattr(pipeline, "_chunks", private_copies)
+    monkeypatch.setattr(pipeline, "stream_chunks", private_copies)
     fresh = pipeline.extrapolate(trajectory, settings, method=method, coefs=[1.0, 2.0])
     assert reused.method == fresh.method
     if reused.backtest is not None:
@@ -325,8 +333,8 @@ def test_backtest_scores_from_the_trajectory_gram_match_the_factored_difference(
     methods = ["linear@3", "power@5", "linear", "poly"]
     fast = pipeline.backtest(trajectory, methods, settings)
     memoised = []
-    monkeypatch.setattr(pipeline, "memoise_window_grams", lambda *args: memoised.append(1) or pytest.fail("over budget"))
-    monkeypatch.setattr(pipeline, "_MEMO_MIN_BYTES", 0)  # Grams over the chunk budget: not memoised
+    monkeypatch.setattr(pipeline, "shared_trajectory_gram", lambda *args: memoised.append(1) or pytest.fail("over budget"))
+    monkeypatch.setattr(pipeline, "GRAM_CACHE_MIN_BYTES", 0)  # Grams over the chunk budget: not memoised
     over_budget = pipeline.backtest(trajectory, methods, settings)
     assert not memoised and over_budget.errors == pytest.approx(fast.errors, rel=1e-5, abs=1e-3)
     monkeypatch.undo()
@@ -355,7 +363,7 @@ def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
         torch.randn(k, n_mod, r, n, generator=gen),
         torch.tensor([2.0, 0.5]),
     )
-    alone = FactorChunk(chunk.names, chunk.steps, chunk.b, chunk.a, chunk.scaling)  # its own (empty) memo
+    alone = FactorChunk(chunk.names, chunk.steps, chunk.b, chunk.a, chunk.scaling)  # its own (empty) cache
     direct = {steps: window_grams(alone.select_steps(list(steps))) for steps in [(1, 2, 3), (0, 2, 5)]}
     assert window_grams(alone.select_steps([1, 2, 3])) is direct[(1, 2, 3)]  # memoised per window
     memoised = memoise_window_grams(chunk, torch.float64)
@@ -365,7 +373,7 @@ def test_window_grams_of_a_selection_are_slices_of_the_memoised_ones() -> None:
     for steps, expected in direct.items():
         ours = window_grams(prefix.select_steps(list(steps)) if max(steps) < 5 else chunk.select_steps(list(steps)))
         shared = ours.b.untyped_storage().data_ptr() == memoised.b.untyped_storage().data_ptr()
-        assert shared == (steps == (1, 2, 3))  # a contiguous run is a view of the memo, others are computed
+        assert shared == (steps == (1, 2, 3))  # a contiguous run is a view of the shared Grams, others are computed
         assert torch.allclose(ours.b.double(), expected.b.double(), rtol=1e-5, atol=1e-5)
         assert torch.allclose(ours.a.double(), expected.a.double(), rtol=1e-5, atol=1e-5)
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from nextoffline.errors import AdapterFileError, FormatDetectionError, IncompatibleCheckpointsError
 from nextoffline.formats import FORMATS
 from nextoffline.formats.openrlhf import OpenRLHFFormat, load_lora_state, load_master_lora_state
-from nextoffline.formats.torch_zip import read_structure, read_tensors
+from nextoffline.io.torch_zip import read_structure, read_tensors
 from tests.conftest import FIXTURES, REPO, tree_hashes
 
 RUN = FIXTURES / "openrlhf_lora_tiny"

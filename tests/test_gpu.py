@@ -107,17 +107,17 @@ def test_loader_moves_exact_values(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method,rtol", [("linear", 1e-4), ("next", 2e-2)])
 def test_extrapolate_parity(tmp_path: Path, method: str, rtol: float) -> None:
-    from nextoffline.pipeline import RunSettings, extrapolate
+    from nextoffline.pipeline import NextOptions, PredictorOptions, RunSettings, extrapolate
     from nextoffline.synthetic import SyntheticSpec, write_synthetic_trajectory
     from nextoffline.trajectory import load_trajectory
 
     spec = SyntheticSpec(steps=list(range(10, 90, 10)), law="sqrt", noise=0.01, a_drift=0.05)
     write_synthetic_trajectory(tmp_path / "run", spec)
     trajectory = load_trajectory(tmp_path / "run")
-    options = {"epochs": 30} if method == "next" else {}
+    options = PredictorOptions(next=NextOptions(epochs=30))
     results = {}
     for device in (torch.device("cpu"), DEVICE):
-        settings = RunSettings(device=device, progress=False, next_options=options)
+        settings = RunSettings(device=device, progress=False, predictors=options)
         results[device.type if device.type != "cpu" or not results else "cpu-ref"] = extrapolate(
             trajectory, settings, method=method, coefs=[1.0]
         )

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from nextoffline.cli import main
-from nextoffline.pipeline import RunSettings
+from nextoffline.pipeline import NextOptions, PredictorOptions, RunSettings
 from nextoffline.report import compute_report, select_modules
 from nextoffline.trajectory import load_trajectory
 from tests.conftest import make_trajectory
@@ -113,7 +113,7 @@ def test_report_of_a_plain_sweep_lists_its_candidates(tmp_path: Path, linear_run
 def test_curves_on_a_linear_law(tmp_path: Path) -> None:
     run = make_trajectory(tmp_path / "run", law="linear")
     trajectory = load_trajectory(run)
-    settings = RunSettings(progress=False, next_options={"epochs": 5})
+    settings = RunSettings(progress=False, predictors=PredictorOptions(next=NextOptions(epochs=5)))
     data = compute_report(trajectory, settings, methods=["linear", "next"], backtest_methods=["linear"], max_modules=3, end_step=140)
     assert len(data.modules) == 3 and data.end_step == 140
     for curve in data.modules:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from nextoffline.cli import main
 from nextoffline.errors import UsageError
-from nextoffline.sweep import EvalSpec, best_index, parse_score
+from nextoffline.evaluation import EvalSpec, best_index, parse_score
 from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory
 from tests.conftest import make_trajectory
 

@@ -1,4 +1,8 @@
-"""Shared click options, logging set-up and the error boundary of the CLI."""
+"""Every click option of the CLI (declared once here), logging set-up and the error boundary.
+
+Commands compose these decorators; :func:`load_source` and :func:`run_settings` turn the
+shared options into a trajectory and the pipeline's settings.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,20 @@ __all__ = [
     "command_line",
     "common_options",
     "compute_options",
+    "device_option",
     "echo_json",
+    "holdout_option",
+    "json_option",
+    "load_source",
+    "next_epochs_option",
+    "out_option",
+    "overwrite_option",
     "parse_float_list",
+    "predictor_options",
     "resolve_source",
+    "run_settings",
     "source_options",
+    "token_option",
 ]
 
 LOG = logging.getLogger("nextoffline")
@@ -96,6 +110,27 @@ def _terminate_as_interrupt() -> Any:
         return None
 
 
+token_option = click.option("--token", default=None, envvar="HF_TOKEN", help="Hugging Face token (default: $HF_TOKEN).")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+out_option = click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created atomically).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+holdout_option = click.option(
+    "--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out at the end by the backtest."
+)
+horizon_option = click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
+
+
+def next_epochs_option(default: int = 1000) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--next-epochs with a command's default (the reference 1000; the demo fewer)."""
+    return click.option("--next-epochs", type=click.IntRange(1), default=default, show_default=True, help="NExt training epochs.")
+
+
+def predictor_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--horizon and --next-epochs."""
+    return horizon_option(next_epochs_option()(func))
+
+
 def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """SOURCE argument (folder or hf://owner/repo[@rev][/sub]), --adapter, --format, --token."""
     func = click.argument("source", required=False)(func)
@@ -103,8 +138,7 @@ def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
         func
     )
     func = click.option("--format", "format_name", default=None, help="Force a layout: peft, trl, verl, openrlhf (default: probe).")(func)
-    func = click.option("--token", default=None, envvar="HF_TOKEN", help="Hugging Face token for hf:// sources (default: $HF_TOKEN).")(func)
-    return func
+    return token_option(func)
 
 
 #: ``nextoffline.loader.DEFAULT_CHUNK_BYTES`` in MiB (not imported: the CLI starts without torch).
@@ -113,7 +147,7 @@ DEFAULT_CHUNK_MB = 64
 
 def compute_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--device and --chunk-mb."""
-    func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
+    func = device_option(func)
     func = click.option(
         "--chunk-mb",
         default=DEFAULT_CHUNK_MB,
@@ -140,6 +174,24 @@ def resolve_source(source: str | None, adapters: tuple[str, ...], *, token: str 
         path = hub.materialize_source(source, token=token, include_trainer_state=trainer_state, progress=progress)
         return path, None, source
     return Path(source), None, source
+
+
+def load_source(source, adapters, format_name, token, common: Common, *, trainer_state: bool = False):
+    """The trajectory named by the source options."""
+    from nextoffline.trajectory import load_trajectory
+
+    path, explicit, label = resolve_source(source, adapters, token=token, trainer_state=trainer_state, progress=common.progress)
+    return load_trajectory(path, adapters=explicit, format_name=format_name, source_label=label)
+
+
+def run_settings(device: str, chunk_mb: int, common: Common, *, horizon: int | None = None, next_epochs: int = 1000):
+    """The pipeline's settings from the compute and predictor options."""
+    from nextoffline.ops.device import resolve_device
+    from nextoffline.ops.predictors import NextOptions, PredictorOptions
+    from nextoffline.pipeline import RunSettings
+
+    predictors = PredictorOptions(horizon=horizon, next=NextOptions(epochs=next_epochs))
+    return RunSettings(device=resolve_device(device), chunk_bytes=chunk_mb * 2**20, progress=common.progress, predictors=predictors)
 
 
 def parse_float_list(text: str | None, option: str) -> list[float]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nextoffline.artifacts import EVAL_LOG_DIR
 from nextoffline.pipeline import BacktestResult
 
-__all__ = ["render_backtest", "render_extrapolation", "render_inspect"]
+if TYPE_CHECKING:
+    from nextoffline.extrapolate_job import ExtrapolateOutcome
+
+__all__ = ["extrapolation_summary", "render_backtest", "render_extrapolation", "render_inspect"]
 
 
 def _pct(value: float | None) -> str:
@@ -66,3 +70,39 @@ def render_extrapolation(summary: dict[str, Any]) -> str:
         lines.append(f"resume with: {resume['command']}")
         lines += [f"note: {n}" for n in resume["notes"]]
     return "\n".join(lines)
+
+
+def extrapolation_summary(outcome: ExtrapolateOutcome) -> dict[str, Any]:
+    """The JSON-able summary of an ``extrapolate`` job (``--json``, and :func:`render_extrapolation`)."""
+    result = outcome.extrapolation
+    candidates = []
+    for i, c in enumerate(result.candidates):
+        entry: dict[str, Any] = {
+            "label": outcome.labels[i],
+            "step": c.target_step,
+            "coef": c.coef,
+            "kept_energy": c.kept_energy_mean,
+            "relative_update": c.relative_update,
+        }
+        if outcome.selected is not None:
+            entry.update(outcome.scores[i])
+            entry["written"] = i == outcome.selected or outcome.keep_all
+        else:
+            entry["written"] = True
+            entry["adapter"] = "." if len(result.candidates) == 1 else entry["label"]
+        candidates.append(entry)
+    summary: dict[str, Any] = {
+        "out": str(outcome.out_dir),
+        "method": result.method,
+        "note": result.note,
+        "horizon_steps": result.horizon_steps,
+        "candidates": candidates,
+        "backtest": result.backtest.to_json() if result.backtest else None,
+    }
+    if outcome.selected is not None:
+        summary["selected"] = candidates[outcome.selected]
+        summary["eval_logs"] = str(outcome.out_dir / EVAL_LOG_DIR)
+    if outcome.resume is not None:
+        resume = outcome.resume
+        summary["resume"] = {"checkpoint_dir": str(resume.checkpoint_dir), "command": resume.command, "notes": list(resume.notes)}
+    return summary

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import click
 
-from nextoffline.cli.options import Common, common_options, compute_options, source_options
+from nextoffline.cli.options import (
+    Common,
+    common_options,
+    compute_options,
+    holdout_option,
+    load_source,
+    out_option,
+    overwrite_option,
+    predictor_options,
+    run_settings,
+    source_options,
+)
 
 __all__ = ["report_cmd"]
 
@@ -14,7 +25,7 @@ __all__ = ["report_cmd"]
 @click.command("report")
 @source_options
 @compute_options
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (created atomically).")
+@out_option
 @click.option(
     "--extrapolation",
     "extrapolation_dir",
@@ -29,13 +40,12 @@ __all__ = ["report_cmd"]
     help="Predictors drawn on the coefficient plots (comma list, NAME@W sets a window).",
 )
 @click.option("--backtest-methods", default=None, help="Predictors backtested (default: every auto candidate).")
-@click.option("--holdout", default=2, show_default=True, type=click.IntRange(1), help="Checkpoints held out by the backtest.")
-@click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
-@click.option("--next-epochs", type=click.IntRange(1), default=1000, show_default=True, help="NExt training epochs.")
+@holdout_option
+@predictor_options
 @click.option("--modules", "module_pattern", default=None, help="Regex selecting the modules to plot (default: spread over the model).")
 @click.option("--max-modules", default=9, show_default=True, type=click.IntRange(1, 36), help="Most modules on the coefficient plot.")
 @click.option("--to-step", "end_step", type=float, default=None, help="Draw the predictions up to this step (default: 2 horizons ahead).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@overwrite_option
 @common_options
 def report_cmd(
     source,
@@ -58,17 +68,16 @@ def report_cmd(
     common: Common,
 ) -> None:
     """Write PNG plots and report.md: rank-1 energy, per-module coefficient fits, backtest errors, candidate scores."""
-    from nextoffline.cli.commands import _load, _settings
     from nextoffline.io.writer import check_output_location
+    from nextoffline.output import output_sources
     from nextoffline.report import compute_report, require_matplotlib, write_report
 
     require_matplotlib()  # fail before any work
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     backtest_list = [m.strip() for m in backtest_methods.split(",") if m.strip()] if backtest_methods else None
-    trajectory = _load(source, adapters, format_name, token, common)
-    sources = (trajectory.source, *(r.checkpoint_dir for r in trajectory.steps))
-    check_output_location(out_dir, sources=sources, overwrite=overwrite)
-    settings = _settings(device, chunk_mb, common, horizon=horizon, next_options={"epochs": next_epochs})
+    trajectory = load_source(source, adapters, format_name, token, common)
+    check_output_location(out_dir, sources=output_sources(trajectory), overwrite=overwrite)  # once, before the work
+    settings = run_settings(device, chunk_mb, common, horizon=horizon, next_epochs=next_epochs)
     data = compute_report(
         trajectory,
         settings,
@@ -80,7 +89,7 @@ def report_cmd(
         end_step=end_step,
         extrapolation_dir=extrapolation_dir,
     )
-    files = write_report(out_dir, data, overwrite=overwrite, sources=sources)
+    files = write_report(out_dir, data, overwrite=overwrite)
     click.echo(f"wrote {files['markdown']}")
     for key, path in files.items():
         if key not in ("markdown",):

@@ -14,14 +14,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
+from nextoffline.artifacts import ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import FormatDetectionError
 from nextoffline.types import ResumeInfo, StepRef
 
 __all__ = [
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_WEIGHTS_NAMES",
     "FORMATS",
-    "STEP_DIR_PATTERNS",
+    "STEP_DIR",
+    "STEP_DIR_PREFIX",
     "CheckpointFormat",
     "find_adapter_weights",
     "get_format",
@@ -29,30 +29,17 @@ __all__ = [
     "register_format",
 ]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-
-#: Folder names that carry a training step, as trainers write them.
-STEP_DIR_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
-    re.compile(p)
-    for p in (
-        r"^checkpoint-(\d+)$",
-        r"^global_step_(\d+)$",
-        r"^global_step(\d+)$",
-        r"^step_(\d+)$",
-        r"^step-(\d+)$",
-        r"^iter_(\d+)$",
-    )
-)
+#: Prefixes of folder (and Hub branch) names that carry a training step, as trainers write
+#: them: ``checkpoint-N``, ``global_step_N``, ``global_stepN``, ``step_N``, ``step-N``, ``iter_N``.
+STEP_DIR_PREFIX = r"(?:checkpoint-|global_step_?|step[_-]|iter_)"
+#: A whole step folder name; group 1 is the step.
+STEP_DIR = re.compile(STEP_DIR_PREFIX + r"(\d+)")
 
 
 def parse_step_dir(name: str) -> int | None:
     """Return the step encoded in a folder name such as ``checkpoint-40``, or ``None``."""
-    for pattern in STEP_DIR_PATTERNS:
-        match = pattern.match(name)
-        if match:
-            return int(match.group(1))
-    return None
+    match = STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def find_adapter_weights(folder: Path) -> Path | None:

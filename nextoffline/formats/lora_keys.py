@@ -11,31 +11,66 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nextoffline.artifacts import ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import AdapterFileError, IncompatibleCheckpointsError
 
-__all__ = ["ADAPTER_WEIGHTS", "PEFT_LORA_KEY", "checked_new_weights", "peft_key", "read_safetensors", "rewrite_safetensors"]
+__all__ = [
+    "LORA_EMBEDDING_KEY",
+    "LORA_KEY",
+    "LoraKey",
+    "checked_new_weights",
+    "is_peft_lora_key",
+    "match_lora_key",
+    "peft_key",
+    "read_safetensors",
+    "rewrite_safetensors",
+]
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_STATE_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<adapter>[^.]+)\.weight$")
-_STATE_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)\.(?P<adapter>[^.]+)$")
-#: LoRA keys as PEFT saves them (adapter name removed).
-PEFT_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+#: LoRA factor keys, as PEFT saves them (``...q_proj.lora_A.weight``) or as a live module state
+#: dict holds them, with the adapter name (``...q_proj.lora_A.default.weight``).
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+#: The same for embedding LoRA (``...embed_tokens.lora_embedding_A[.default]``).
+LORA_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>A|B)(?:\.(?P<adapter>[^.]+))?$")
+
+
+class LoraKey(NamedTuple):
+    """A parsed LoRA factor key."""
+
+    module: str
+    part: str  # "A" or "B"
+    adapter: str | None  # None: PEFT's saved name
+    embedding: bool
+
+
+def match_lora_key(key: str) -> LoraKey | None:
+    """The module, factor and adapter name of a LoRA factor key, or ``None`` for other keys."""
+    for pattern, embedding in ((LORA_KEY, False), (LORA_EMBEDDING_KEY, True)):
+        match = pattern.match(key)
+        if match:
+            return LoraKey(match["module"], match["part"], match["adapter"], embedding)
+    return None
+
+
+def is_peft_lora_key(key: str) -> bool:
+    """A LoRA factor key as PEFT saves it (no adapter name)."""
+    parsed = match_lora_key(key)
+    return parsed is not None and parsed.adapter is None
 
 
 def peft_key(state_key: str) -> str | None:
     """PEFT's saved name of a LoRA parameter of a module state dict, or ``None`` for other keys."""
-    match = _STATE_KEY.match(state_key)
-    if match:
-        return f"{match['module']}.{match['part']}.weight"
-    match = _STATE_EMBEDDING_KEY.match(state_key)
-    if match:
-        return f"{match['module']}.{match['part']}"
-    return None
+    parsed = match_lora_key(state_key)
+    if parsed is None or parsed.adapter is None:
+        return None
+    if parsed.embedding:
+        return f"{parsed.module}.lora_embedding_{parsed.part}"
+    return f"{parsed.module}.lora_{parsed.part}.weight"
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -53,9 +88,9 @@ def checked_new_weights(adapter_dir: Path, expected: Mapping[str, tuple[int, ...
     Raises:
         IncompatibleCheckpointsError: keys or shapes differ (another run, or another rank).
     """
-    path = adapter_dir / ADAPTER_WEIGHTS
+    path = adapter_dir / ADAPTER_WEIGHTS_NAME
     tensors, _metadata = read_safetensors(path)
-    lora = {k: v for k, v in tensors.items() if PEFT_LORA_KEY.match(k)}
+    lora = {k: v for k, v in tensors.items() if is_peft_lora_key(k)}
     missing, extra = sorted(set(expected) - set(lora)), sorted(set(lora) - set(expected))
     if missing or extra:
         raise IncompatibleCheckpointsError(
@@ -76,7 +111,7 @@ def rewrite_safetensors(source: Path, dest: Path, new: Mapping[str, torch.Tensor
     A plain copy when the values do not change, so a round trip is byte-identical.
     """
     tensors, metadata = read_safetensors(source)
-    lora = [k for k in tensors if PEFT_LORA_KEY.match(k)]
+    lora = [k for k in tensors if is_peft_lora_key(k)]
     if set(lora) != set(new):
         raise IncompatibleCheckpointsError(
             f"{source}: LoRA keys differ from the trainer checkpoint; the adapter folder is from another run"

@@ -27,11 +27,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import AdapterFileError, FormatDetectionError, UnsupportedAdapterError
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights, register_format
+from nextoffline.formats.base import find_adapter_weights, register_format
 from nextoffline.formats.lora_keys import checked_new_weights, peft_key, rewrite_safetensors
-from nextoffline.formats.torch_zip import Opaque, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.io.reader import register_state_loader
+from nextoffline.io.torch_zip import Opaque, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.types import ResumeInfo, StepRef
 
 __all__ = ["OpenRLHFFormat", "is_deepspeed_model_states", "load_lora_state", "load_master_lora_state", "write_deepspeed_checkpoint"]
@@ -233,7 +234,7 @@ class OpenRLHFFormat:
         tags = _ds_tags(root / ACTOR_DIR)
         refs = []
         for step, folder in hf:
-            weights = find_adapter_weights(folder) or folder / "adapter_model.safetensors"
+            weights = find_adapter_weights(folder) or folder / ADAPTER_WEIGHTS_NAME
             refs.append(StepRef(step=step, adapter_dir=folder, weights_file=weights, checkpoint_dir=tags.get(step, folder)))
         return refs
 
@@ -255,7 +256,7 @@ class OpenRLHFFormat:
         notes = list(_notes(latest.step, world))
         hf = latest.adapter_dir
         if _HF_DIR.match(hf.name):
-            shutil.copytree(hf, out_dir / hf.name, ignore=shutil.ignore_patterns("adapter_model.safetensors", "adapter_model.bin"))
+            shutil.copytree(hf, out_dir / hf.name, ignore=shutil.ignore_patterns(*ADAPTER_WEIGHTS_NAMES))
             weights = find_adapter_weights(hf)
             if weights is not None and weights.suffix == ".safetensors":
                 rewrite_safetensors(weights, out_dir / hf.name / weights.name, new)

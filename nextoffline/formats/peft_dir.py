@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import AdapterConfigError, IncompatibleCheckpointsError
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME, find_adapter_weights, parse_step_dir, register_format
+from nextoffline.formats.base import find_adapter_weights, parse_step_dir, register_format
 from nextoffline.io.writer import copy_file
 from nextoffline.types import ResumeInfo, StepRef
 
@@ -28,7 +29,7 @@ def step_named_adapters(root: Path) -> list[StepRef]:
                     "adapter_config.json that PEFT wrote (or move this folder out of the run)"
                 )
             continue
-        weights = weights or child / "adapter_model.safetensors"
+        weights = weights or child / ADAPTER_WEIGHTS_NAME
         if step in refs:
             raise IncompatibleCheckpointsError(
                 f"{root}: step {step} appears twice ({refs[step].adapter_dir.name}, {child.name}); keep one folder per step"
@@ -51,7 +52,7 @@ class PeftDirFormat:
 
     def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
         target = out_dir / latest.adapter_dir.name
-        for name in (ADAPTER_CONFIG_NAME, "adapter_model.safetensors"):
+        for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
             copy_file(adapter_dir / name, target / name)
         command = f"PeftModel.from_pretrained(base_model, {str(target)!r}, is_trainable=True)"
         return ResumeInfo(checkpoint_dir=target, command=command, notes=("plain PEFT folder: no optimizer state to resume",))

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import ClassVar
 
-from nextoffline.formats.base import ADAPTER_WEIGHTS_NAMES, register_format
+from nextoffline.artifacts import ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAMES
+from nextoffline.formats.base import register_format
 from nextoffline.formats.openrlhf import MODEL_STATES, write_deepspeed_checkpoint
 from nextoffline.formats.peft_dir import step_named_adapters
 from nextoffline.io.writer import copy_file
@@ -48,7 +49,7 @@ class TrlFormat:
         shutil.copytree(
             latest.checkpoint_dir, target, ignore=lambda d, names: [n for n in names if n in skip and Path(d) == latest.checkpoint_dir]
         )
-        copy_file(adapter_dir / "adapter_model.safetensors", target / "adapter_model.safetensors")
+        copy_file(adapter_dir / ADAPTER_WEIGHTS_NAME, target / ADAPTER_WEIGHTS_NAME)
         for tag in deepspeed_tags:  # with DeepSpeed, Trainer resumes the weights from global_stepN/, not the adapter file
             write_deepspeed_checkpoint(tag, target / tag.name, adapter_dir)
         command = f"trainer.train(resume_from_checkpoint={str(target)!r})"

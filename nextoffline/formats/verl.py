@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import AdapterConfigError, AdapterFileError, FormatDetectionError
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME, register_format
-from nextoffline.formats.lora_keys import ADAPTER_WEIGHTS, PEFT_LORA_KEY, checked_new_weights, peft_key, rewrite_safetensors
-from nextoffline.formats.torch_zip import Opaque, SubclassRef, TensorRef, patch_tensors, read_structure, read_tensors, state_of
+from nextoffline.formats.base import register_format
+from nextoffline.formats.lora_keys import checked_new_weights, match_lora_key, peft_key, rewrite_safetensors
 from nextoffline.io.reader import register_state_loader
+from nextoffline.io.torch_zip import Opaque, SubclassRef, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.types import ResumeInfo, StepRef
 
 __all__ = ["VerlFormat", "adapter_config_from_shards", "is_verl_model_shard", "load_lora_state", "model_shards"]
@@ -217,8 +218,8 @@ register_state_loader(is_verl_model_shard, load_lora_state)
 
 def _module_leaf(name: str) -> str:
     """``q_proj`` for ``...self_attn.q_proj.lora_A.weight`` (what verl's merger lists as target modules)."""
-    match = PEFT_LORA_KEY.match(name)
-    return match["module"].rsplit(".", 1)[-1] if match else name
+    parsed = match_lora_key(name)
+    return parsed.module.rsplit(".", 1)[-1] if parsed else name
 
 
 def adapter_config_from_shards(actor_dir: Path, keys: Iterable[str]) -> dict[str, Any]:
@@ -260,7 +261,7 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 def _legacy_adapter(actor_dir: Path) -> Path | None:
     folder = actor_dir / LEGACY_ADAPTER_DIR
-    if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / ADAPTER_WEIGHTS).is_file():
+    if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / ADAPTER_WEIGHTS_NAME).is_file():
         return folder
     return None
 
@@ -284,7 +285,7 @@ class VerlFormat:
             actor = folder / "actor"
             if legacy:
                 adapter = actor / LEGACY_ADAPTER_DIR
-                refs.append(StepRef(step=step, adapter_dir=adapter, weights_file=adapter / ADAPTER_WEIGHTS, checkpoint_dir=folder))
+                refs.append(StepRef(step=step, adapter_dir=adapter, weights_file=adapter / ADAPTER_WEIGHTS_NAME, checkpoint_dir=folder))
                 continue
             shards = model_shards(actor)
             if not shards:
@@ -313,13 +314,13 @@ class VerlFormat:
                 raise AdapterFileError(f"{shard}: holds other LoRA keys than {shards[0].name}; the shards come from different runs")
         new = checked_new_weights(adapter_dir, {k: e.global_shape for k, e in entries[0].items()}, shards[0])
         target = out_dir / source.name
-        rewritten = {actor: {p.name for p in shards}, actor / LEGACY_ADAPTER_DIR: {ADAPTER_WEIGHTS}}
+        rewritten = {actor: {p.name for p in shards}, actor / LEGACY_ADAPTER_DIR: {ADAPTER_WEIGHTS_NAME}}
         shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if n in rewritten.get(Path(d), ())])
         for shard, shard_entries in zip(shards, entries):
             _write_shard(shard, target / "actor" / shard.name, shard_entries, new)
-        legacy = actor / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS
+        legacy = actor / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME
         if legacy.is_file():
-            rewrite_safetensors(legacy, target / "actor" / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS, new)
+            rewrite_safetensors(legacy, target / "actor" / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME, new)
         (out_dir / TRACKER_NAME).write_text(str(latest.step), encoding="utf-8")
         LOG.info("wrote verl checkpoint %s (%d shards)", target, len(shards))
         return ResumeInfo(checkpoint_dir=target, command=_resume_command(target), notes=_notes(latest.step, len(shards)))

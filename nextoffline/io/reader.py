@@ -6,9 +6,7 @@ failure becomes an :class:`~nextoffline.errors.AdapterFileError` naming the file
 
 from __future__ import annotations
 
-import json
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from nextoffline.errors import AdapterFileError
+from nextoffline.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [
     "SafetensorsReader",
@@ -27,20 +26,6 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class TensorReader(Protocol):
@@ -59,85 +44,12 @@ class TensorReader(Protocol):
     def close(self) -> None: ...
 
 
-_MAX_HEADER_BYTES = 100 * 2**20  # the limit safetensors itself enforces
-
-
-def _read_safetensors_header(path: Path) -> dict:
-    """Parse and validate the JSON header of a safetensors file (no tensor data is read)."""
-    fix = "re-save or re-download this checkpoint"
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise AdapterFileError(f"{path}: file is truncated ({size} bytes, no header); {fix}")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len < 2 or header_len > _MAX_HEADER_BYTES:
-                raise AdapterFileError(f"{path}: corrupted safetensors header (header length {header_len}); {fix}")
-            if 8 + header_len > size:
-                raise AdapterFileError(f"{path}: file is truncated ({size} bytes, the header alone needs {8 + header_len}); {fix}")
-            raw = handle.read(header_len)
-    except OSError as exc:
-        raise AdapterFileError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise AdapterFileError(f"{path}: corrupted safetensors header (not JSON); {fix}") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: corrupted safetensors header (not a JSON object); {fix}")
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterFileError(f"{path}: corrupted safetensors header (__metadata__ must map names to strings); {fix}")
-    data_len = size - 8 - header_len
-    spans = []
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        spans.append((*_check_entry(path, key, spec, data_len, fix), key))
-    covered = 0
-    for begin, end, key in sorted(spans):
-        if begin != covered:
-            what = "overlaps another tensor" if begin < covered else "leaves a gap before it"
-            raise AdapterFileError(f"{path}: corrupted safetensors header (tensor {key!r} {what}); {fix}")
-        covered = end
-    if covered != data_len:
-        raise AdapterFileError(f"{path}: file has {data_len - covered} unexpected bytes after the last tensor; {fix}")
-    return header
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_entry(path: Path, key: str, spec: object, data_len: int, fix: str) -> tuple[int, int]:
-    """Validate one header entry: known dtype, offsets inside the file, size matches shape."""
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-        raise AdapterFileError(f"{path}: corrupted safetensors header entry {key!r}; {fix}")
-    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
-        raise AdapterFileError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}; save the adapter in float32, float16 or bfloat16")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise AdapterFileError(f"{path}: corrupted safetensors header (shape of {key!r} is {shape!r}); {fix}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
-        raise AdapterFileError(f"{path}: corrupted safetensors header (data offsets of {key!r} are {offsets!r}); {fix}")
-    begin, end = offsets
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    if end > data_len:
-        raise AdapterFileError(f"{path}: file is truncated (tensor {key!r} ends past the end of the file); {fix}")
-    if end - begin != numel * _DTYPE_SIZES[dtype]:
-        raise AdapterFileError(f"{path}: corrupted safetensors header (size of {key!r} mismatches its shape {shape}); {fix}")
-    return begin, end
-
-
 class SafetensorsReader:
     """Lazy reader over a safetensors file (memory-mapped; pays only for the keys read)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        header = _read_safetensors_header(path)
-        self._specs = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._specs = read_safetensors_header(path).tensors
         try:
             self._handle = safe_open(str(path), framework="pt", device="cpu")
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -150,7 +62,7 @@ class SafetensorsReader:
         return tuple(int(d) for d in self._specs[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._specs[key]["dtype"]]
+        return SAFETENSORS_DTYPES[self._specs[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
         try:

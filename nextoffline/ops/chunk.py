@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar, cast
 
 import torch
 
@@ -19,7 +19,26 @@ from nextoffline.ops.decompose import (
     symmetric_blocks,
 )
 
-__all__ = ["FactorChunk", "Rank1Features", "contiguous_index", "rank1_features"]
+__all__ = ["ChunkCache", "FactorChunk", "Rank1Features", "contiguous_index", "rank1_features"]
+
+_Slot = TypeVar("_Slot")
+
+
+class ChunkCache:
+    """Derived data of one chunk as read, shared by every chunk selected from it.
+
+    One slot per owner class: a predictor module defines a class for what it derives (e.g. the
+    trajectory predictors' window Grams) and ``cache.get(ThatClass)`` returns the one instance
+    for this chunk, built by ``ThatClass()`` on first use. The owner alone reads and writes it.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[type, object] = {}
+
+    def get(self, owner: type[_Slot]) -> _Slot:
+        if owner not in self._slots:
+            self._slots[owner] = owner()
+        return cast(_Slot, self._slots[owner])
 
 
 @dataclass
@@ -34,7 +53,7 @@ class FactorChunk:
         scaling: ``(N,)`` LoRA scalings (``alpha / r`` or ``alpha / sqrt(r)``).
         origin: indices of these steps in the chunk they were selected from (``None``: the
             chunk as read, its steps are its own).
-        memo: derived data (e.g. window Grams over every step) shared by all the chunks
+        cache: derived data (e.g. window Grams over every step) shared by all the chunks
             selected from the same read chunk, so that several predictors compute it once.
     """
 
@@ -44,7 +63,7 @@ class FactorChunk:
     a: torch.Tensor
     scaling: torch.Tensor
     origin: tuple[int, ...] | None = None
-    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    cache: ChunkCache = field(default_factory=ChunkCache, repr=False, compare=False)
 
     @property
     def num_steps(self) -> int:
@@ -64,7 +83,11 @@ class FactorChunk:
         index = list(index)
         at = contiguous_index(index)  # a view (no copy) for a contiguous run of steps
         origin = tuple(self.step_origin[i] for i in index)
-        return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling, origin=origin, memo=self.memo)
+        return FactorChunk(self.names, self.steps[at], self.b[at], self.a[at], self.scaling, origin=origin, cache=self.cache)
+
+    def select_modules(self, index: list[int]) -> FactorChunk:
+        """Some of the modules at every step (a new chunk: nothing derived is shared)."""
+        return FactorChunk([self.names[i] for i in index], self.steps, self.b[:, index], self.a[:, index], self.scaling[index])
 
     @property
     def step_origin(self) -> tuple[int, ...]:

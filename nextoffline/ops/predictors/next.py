@@ -34,7 +34,7 @@ from nextoffline.errors import NotEnoughCheckpointsError
 from nextoffline.ops.chunk import FactorChunk, contiguous_index, rank1_features
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 
-__all__ = ["NextNetwork", "NextPredictor"]
+__all__ = ["NextNetwork", "NextOptions", "NextPredictor"]
 
 LOG = logging.getLogger(__name__)
 
@@ -77,6 +77,17 @@ class _Samples:
 def _stack(triplets: list, attr: str, like: torch.Tensor) -> torch.Tensor:
     rows = [getattr(t, attr).float().cpu() if t is not None else torch.full_like(like, float("nan")) for t in triplets]
     return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class NextOptions:
+    """NExt training hyperparameters (see :class:`NextPredictor`)."""
+
+    epochs: int = 1000
+    lr: float = 2e-5
+    hidden: int = 256
+    loss: str = "l1"
+    seed: int = 0
 
 
 class NextPredictor(Predictor):

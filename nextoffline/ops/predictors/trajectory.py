@@ -20,7 +20,20 @@ from nextoffline.ops.decompose import stacked_gram
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 from nextoffline.ops.regressors import Regressor, make_regressor
 
-__all__ = ["TrajectoryRank1Predictor", "WindowGrams", "WindowUpdate", "memoise_window_grams", "trajectory_rank1", "window_grams"]
+__all__ = [
+    "GramCache",
+    "TrajectoryRank1",
+    "TrajectoryRank1Predictor",
+    "WindowGrams",
+    "WindowUpdate",
+    "direction_component",
+    "gram_cache_bytes",
+    "memoise_window_grams",
+    "shared_trajectory_gram",
+    "trajectory_energy",
+    "trajectory_rank1",
+    "window_grams",
+]
 
 _F64 = torch.float64
 
@@ -50,6 +63,15 @@ class WindowGrams:
         return self._trajectory[1]
 
 
+class GramCache:
+    """The trajectory predictors' slot in :class:`~nextoffline.ops.chunk.ChunkCache`: window
+    Grams of one chunk as read, over all its steps and per observed window."""
+
+    def __init__(self) -> None:
+        self.full: WindowGrams | None = None
+        self.windows: dict[tuple[int, ...], WindowGrams] = {}
+
+
 def window_grams(chunk: FactorChunk) -> WindowGrams:
     """Gram matrices of the stacked factors of every module of ``chunk`` (all its steps).
 
@@ -58,16 +80,16 @@ def window_grams(chunk: FactorChunk) -> WindowGrams:
     (:func:`memoise_window_grams`) and the window is a contiguous run of them, they are a slice
     of those (no GEMM).
     """
-    key = (_WINDOW_MEMO, chunk.step_origin)
-    if key not in chunk.memo:
-        full = chunk.memo.get(_GRAMS_MEMO)
-        at = contiguous_index(list(chunk.step_origin))
-        if full is not None and isinstance(at, slice):
+    cache = chunk.cache.get(GramCache)
+    key = chunk.step_origin
+    if key not in cache.windows:
+        at = contiguous_index(list(key))
+        if cache.full is not None and isinstance(at, slice):
             rows = slice(at.start * chunk.b.shape[-1], at.stop * chunk.b.shape[-1])
-            chunk.memo[key] = WindowGrams(b=full.b[..., rows, rows], a=full.a[..., rows, rows])
+            cache.windows[key] = WindowGrams(b=cache.full.b[..., rows, rows], a=cache.full.a[..., rows, rows])
         else:
-            chunk.memo[key] = _stacked_grams(chunk)
-    return chunk.memo[key]
+            cache.windows[key] = _stacked_grams(chunk)
+    return cache.windows[key]
 
 
 def memoise_window_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
@@ -79,13 +101,23 @@ def memoise_window_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -
     """
     if chunk.origin is not None:
         raise ValueError("memoise_window_grams needs the chunk as read, not a selection of its steps")
-    if _GRAMS_MEMO not in chunk.memo:
-        chunk.memo[_GRAMS_MEMO] = _stacked_grams(chunk, dtype)
-    return chunk.memo[_GRAMS_MEMO]
+    cache = chunk.cache.get(GramCache)
+    if cache.full is None:
+        cache.full = _stacked_grams(chunk, dtype)
+    return cache.full
 
 
-_GRAMS_MEMO = "window_grams"
-_WINDOW_MEMO = "window_grams_of"
+def shared_trajectory_gram(chunk: FactorChunk) -> torch.Tensor:
+    """``(N, K, K)`` float64 ``<dW_i, dW_j>`` over every step of a chunk as read; its Grams are
+    memoised for the trajectory predictors that observe windows of it (one computation serves
+    them and the backtest's quadratic-form scores)."""
+    return memoise_window_grams(chunk, torch.float64).trajectory(chunk.scaling, chunk.b.shape[-1])
+
+
+def gram_cache_bytes(chunk: FactorChunk) -> int:
+    """Bytes :func:`shared_trajectory_gram` keeps: float64 window Grams of every step, both sides."""
+    width = chunk.num_steps * chunk.b.shape[-1]
+    return 2 * len(chunk.names) * width * width * 8
 
 
 def _stacked_grams(chunk: FactorChunk, dtype: torch.dtype | None = None) -> WindowGrams:
@@ -116,6 +148,27 @@ def trajectory_rank1(chunk: FactorChunk, grams: WindowGrams | None = None) -> Tr
     total = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
     explained = torch.where(total > 0, top / total.clamp_min(1e-300), torch.ones_like(total)).clamp(0, 1)
     return TrajectoryRank1(weights=weights, coefficients=root.unsqueeze(-1) * e, explained=explained)
+
+
+def trajectory_energy(chunk: FactorChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per module: the fraction of the trajectory's energy on its top direction, and
+    ``|dW_latest|_F^2`` (the weight of that fraction when summed over modules)."""
+    grams = window_grams(chunk)
+    rank1 = trajectory_rank1(chunk, grams)
+    return rank1.explained, grams.trajectory(chunk.scaling, chunk.b.shape[-1])[:, -1, -1]
+
+
+def direction_component(update: FactoredUpdate, chunk: FactorChunk, weights: torch.Tensor) -> torch.Tensor:
+    """``<D_j, V_j>`` per module (float64), with ``V_j = sum_i weights[j, i] s_j B_i A_i`` the
+    trajectory direction of ``chunk`` (:attr:`TrajectoryRank1.weights`), without dense matrices."""
+    left = update.left.to(_F64)  # (N, m, p)
+    right = update.right.to(_F64)  # (N, p, n)
+    b = chunk.b.to(_F64).transpose(0, 1)  # (N, K, m, r)
+    a = chunk.a.to(_F64).transpose(0, 1)  # (N, K, r, n)
+    lb = left.mT.unsqueeze(1) @ b  # (N, K, p, r)
+    ra = right.unsqueeze(1) @ a.mT  # (N, K, p, r)
+    inner = (lb * ra).sum((-1, -2))  # (N, K): <D, B_i A_i>
+    return chunk.scaling.to(_F64) * (inner * weights.to(_F64)).sum(-1)
 
 
 class WindowUpdate(FactoredUpdate):
