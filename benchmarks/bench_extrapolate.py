@@ -52,7 +52,7 @@ def _instrument(acc: dict[str, float]) -> None:
 
         return wrapper
 
-    original_chunks = pipeline._chunks
+    original_chunks = pipeline.stream_chunks
 
     def chunks(*args, **kwargs):
         gen = original_chunks(*args, **kwargs)
@@ -66,7 +66,7 @@ def _instrument(acc: dict[str, float]) -> None:
             acc["read"] += time.perf_counter() - start
             yield item
 
-    pipeline._chunks = chunks
+    pipeline.stream_chunks = chunks
     if hasattr(pipeline, "_latest_tensors"):
         pipeline._latest_tensors = timed(pipeline._latest_tensors, "read")
     for name in ("refactor_keep_rank", "refactor_grow_rank", "_store"):

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["RunSettings", "__version__", "backtest", "extrapolate", "inspect_trajectory", "load_trajectory", "save_extrapolation"]
+__all__ = [
+    "NextOptions",
+    "PredictorOptions",
+    "RunSettings",
+    "__version__",
+    "backtest",
+    "extrapolate",
+    "inspect_trajectory",
+    "load_trajectory",
+    "save_extrapolation",
+]
 
 
 def __getattr__(name: str):  # lazy: importing the package stays cheap for the CLI's --help
@@ -12,7 +22,7 @@ def __getattr__(name: str):  # lazy: importing the package stays cheap for the C
         from nextoffline.trajectory import load_trajectory
 
         return load_trajectory
-    if name in ("inspect_trajectory", "backtest", "extrapolate", "RunSettings"):
+    if name in ("inspect_trajectory", "backtest", "extrapolate", "RunSettings", "PredictorOptions", "NextOptions"):
         from nextoffline import pipeline
 
         return getattr(pipeline, name)

@@ -112,15 +112,7 @@ def run_extrapolate(trajectory: Trajectory, settings: RunSettings, request: Extr
     )
     labels = candidate_labels(result)
     if spec is None:
-        out, resume = save_extrapolation(
-            request.out_dir,
-            trajectory,
-            result,
-            command=request.command,
-            resumable=request.resumable,
-            overwrite=request.overwrite,
-            location_checked=True,
-        )
+        out, resume = _save(trajectory, result, request)
         return ExtrapolateOutcome(out, result, labels, resume)
     return _evaluate_and_save(trajectory, result, labels, request, spec)
 
@@ -147,24 +139,34 @@ def _evaluate_and_save(
             _finish_kept(keep_dir, result, scores, request.command, source, best, spec)
             if any(keep_dir.iterdir()):
                 extra_dirs[CANDIDATES_DIR] = keep_dir
-        out, resume = save_extrapolation(
-            out_dir,
+        out, resume = _save(
             trajectory,
             result,
-            command=request.command,
-            resumable=request.resumable,
-            overwrite=request.overwrite,
+            request,
             scores=scores,
             keep=[best],
             extra_dirs=extra_dirs,
             lower_is_better=spec.lower_is_better,
             source=source,
-            location_checked=True,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(log_dir, ignore_errors=True)  # only on success: a failure message points into it
     return ExtrapolateOutcome(out, result, labels, resume, scores, best, spec.keep_all)
+
+
+def _save(trajectory: Trajectory, result: Extrapolation, request: ExtrapolateRequest, **scored: Any) -> tuple[Path, ResumeInfo | None]:
+    """Write the output (its location was checked before the work)."""
+    return save_extrapolation(
+        request.out_dir,
+        trajectory,
+        result,
+        command=request.command,
+        resumable=request.resumable,
+        overwrite=request.overwrite,
+        location_checked=True,
+        **scored,
+    )
 
 
 def _score_record(result: EvalResult, selected: bool, keep_all: bool) -> dict[str, Any]:

@@ -115,15 +115,20 @@ def build_manifest(
     )
 
 
+#: Manifest key -> :class:`~nextoffline.pipeline.Candidate` attribute.
+_CANDIDATE_FIELDS = {
+    "step": "target_step",
+    "coef": "coef",
+    "kept_energy": "kept_energy_mean",
+    "kept_energy_min": "kept_energy_min",
+    "relative_update": "relative_update",
+    "gauge_resets": "gauge_resets",
+}
+
+
 def candidate_record(candidate: Candidate) -> dict[str, Any]:
-    return {
-        "step": candidate.target_step,
-        "coef": candidate.coef,
-        "kept_energy": candidate.kept_energy_mean,
-        "kept_energy_min": candidate.kept_energy_min,
-        "relative_update": candidate.relative_update,
-        "gauge_resets": candidate.gauge_resets,
-    }
+    """The manifest record of one candidate (its numbers, not its tensors)."""
+    return {key: getattr(candidate, attr) for key, attr in _CANDIDATE_FIELDS.items()}
 
 
 def extrapolation_record(extrapolation: Extrapolation) -> dict[str, Any]:

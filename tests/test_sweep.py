@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from nextoffline.artifacts import read_manifest
 from nextoffline.cli import main
 from nextoffline.errors import UsageError
 from nextoffline.evaluation import EvalSpec, best_index, parse_score
@@ -151,6 +152,10 @@ def test_lower_is_better_flips_the_choice(tmp_path: Path, linear_run: Path, eval
     )
     assert code == 0, text
     assert json.loads(text)["selected"]["coef"] == 0.0
+    # the manifest records the direction (the report reads it from there)
+    assert read_manifest(tmp_path / "low").lower_is_better is True
+    assert read_manifest(tmp_path / "high").lower_is_better is False
+    assert "lower is better" in (tmp_path / "low" / "README.md").read_text()
 
 
 def test_to_step_list_is_swept_with_the_reference(tmp_path: Path, linear_run: Path, evaluator: Path) -> None:

@@ -8,6 +8,9 @@ import click
 
 from nextoffline.cli.options import (
     Common,
+    ComputeArgs,
+    PredictorArgs,
+    SourceArgs,
     command_line,
     common_options,
     compute_options,
@@ -34,13 +37,13 @@ __all__ = ["backtest_cmd", "demo_cmd", "extrapolate_cmd", "inspect_cmd", "push_c
 @compute_options
 @json_option
 @common_options
-def inspect_cmd(source, adapters, format_name, token, device, chunk_mb, as_json, common: Common) -> None:
+def inspect_cmd(src: SourceArgs, compute: ComputeArgs, as_json: bool, common: Common) -> None:
     """Show what a trajectory holds: layout, steps, modules, rank, rank-1 dominance."""
     from nextoffline.cli.render import render_inspect
     from nextoffline.pipeline import inspect_trajectory
 
-    trajectory = load_source(source, adapters, format_name, token, common)
-    report = inspect_trajectory(trajectory, run_settings(device, chunk_mb, common))
+    trajectory = load_source(src, common)
+    report = inspect_trajectory(trajectory, run_settings(compute, common))
     echo_json(report) if as_json else click.echo(render_inspect(report))
 
 
@@ -53,18 +56,18 @@ def inspect_cmd(source, adapters, format_name, token, device, chunk_mb, as_json,
 @json_option
 @common_options
 def backtest_cmd(
-    source, adapters, format_name, token, device, chunk_mb, holdout, methods, horizon, next_epochs, as_json, common: Common
+    src: SourceArgs, compute: ComputeArgs, holdout: int, methods: str | None, predictor_args: PredictorArgs, as_json: bool, common: Common
 ) -> None:
     """Fit each predictor on a prefix and score its prediction of the held-out tail (1.0 = no better than stopping)."""
     from nextoffline.cli.render import render_backtest
     from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
     from nextoffline.pipeline import backtest
 
-    trajectory = load_source(source, adapters, format_name, token, common)
+    trajectory = load_source(src, common)
     names = [m.strip() for m in methods.split(",")] if methods else auto_candidates(len(trajectory.steps) - holdout)
     for name in names:
         parse_predictor_name(name)
-    settings = run_settings(device, chunk_mb, common, horizon=horizon, next_epochs=next_epochs)
+    settings = run_settings(compute, common, predictor_args)
     result = backtest(trajectory, names, settings, holdout=holdout)
     echo_json(result.to_json()) if as_json else click.echo(render_backtest(result))
 
@@ -96,27 +99,22 @@ def backtest_cmd(
 @json_option
 @common_options
 def extrapolate_cmd(
-    source,
-    adapters,
-    format_name,
-    token,
-    device,
-    chunk_mb,
-    out_dir,
-    to_step,
-    coef,
-    method,
-    rank_policy,
-    holdout,
-    horizon,
-    next_epochs,
-    resumable,
-    eval_cmd,
-    eval_lower_is_better,
-    eval_timeout,
-    keep_all,
-    overwrite,
-    as_json,
+    src: SourceArgs,
+    compute: ComputeArgs,
+    out_dir: Path,
+    to_step: str | None,
+    coef: str | None,
+    method: str,
+    rank_policy: str,
+    holdout: int,
+    predictor_args: PredictorArgs,
+    resumable: bool,
+    eval_cmd: str | None,
+    eval_lower_is_better: bool,
+    eval_timeout: float,
+    keep_all: bool,
+    overwrite: bool,
+    as_json: bool,
     common: Common,
 ) -> None:
     """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout)."""
@@ -136,8 +134,8 @@ def extrapolate_cmd(
         raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
     if method != "auto":
         parse_predictor_name(method)
-    trajectory = load_source(source, adapters, format_name, token, common, trainer_state=resumable)
-    settings = run_settings(device, chunk_mb, common, horizon=horizon, next_epochs=next_epochs)
+    trajectory = load_source(src, common, trainer_state=resumable)
+    settings = run_settings(compute, common, predictor_args)
     evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
     request = ExtrapolateRequest(
         out_dir=out_dir,
@@ -202,7 +200,7 @@ def demo_cmd(out_dir: Path, device: str, next_epochs: int, common: Common) -> No
     from nextoffline.trajectory import load_trajectory
 
     trajectory = load_trajectory(EXAMPLE_TRAJECTORY, source_label="bundled example (TRL GRPO + LoRA, tiny model)")
-    settings = run_settings(device, 256, common, next_epochs=next_epochs)
+    settings = run_settings(ComputeArgs(device, 256), common, PredictorArgs(None, next_epochs))
     click.echo("== inspect\n" + render_inspect(inspect_trajectory(trajectory, settings)))
     result = backtest(trajectory, auto_candidates(len(trajectory.steps) - 2), settings)
     click.echo("\n== backtest\n" + render_backtest(result))

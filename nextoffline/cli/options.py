@@ -23,6 +23,9 @@ from nextoffline.errors import NextOfflineError, UsageError
 
 __all__ = [
     "Common",
+    "ComputeArgs",
+    "PredictorArgs",
+    "SourceArgs",
     "command_line",
     "common_options",
     "compute_options",
@@ -121,18 +124,58 @@ holdout_option = click.option(
 horizon_option = click.option("--horizon", type=click.IntRange(1), default=None, help="Horizon in checkpoints (default: min(5, (K-2)//2)).")
 
 
+@dataclass(frozen=True)
+class SourceArgs:
+    """The source options: SOURCE, --adapter, --format, --token."""
+
+    source: str | None
+    adapters: tuple[str, ...]
+    format_name: str | None
+    token: str | None
+
+
+@dataclass(frozen=True)
+class ComputeArgs:
+    """The compute options: --device, --chunk-mb."""
+
+    device: str
+    chunk_mb: int
+
+
+@dataclass(frozen=True)
+class PredictorArgs:
+    """The predictor options: --horizon, --next-epochs."""
+
+    horizon: int | None
+    next_epochs: int
+
+
+def _packed(func: Callable[..., Any], into: str, cls: type, names: tuple[str, ...]) -> Callable[..., Any]:
+    """``func`` called with the options ``names`` gathered into one ``cls`` keyword ``into``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs[into] = cls(*(kwargs.pop(name) for name in names))
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
 def next_epochs_option(default: int = 1000) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--next-epochs with a command's default (the reference 1000; the demo fewer)."""
     return click.option("--next-epochs", type=click.IntRange(1), default=default, show_default=True, help="NExt training epochs.")
 
 
 def predictor_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--horizon and --next-epochs."""
+    """--horizon and --next-epochs, passed as ``predictor_args: PredictorArgs``."""
+    func = _packed(func, "predictor_args", PredictorArgs, ("horizon", "next_epochs"))
     return horizon_option(next_epochs_option()(func))
 
 
 def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """SOURCE argument (folder or hf://owner/repo[@rev][/sub]), --adapter, --format, --token."""
+    """SOURCE argument (folder or hf://owner/repo[@rev][/sub]), --adapter, --format, --token,
+    passed as ``src: SourceArgs``."""
+    func = _packed(func, "src", SourceArgs, ("source", "adapters", "format_name", "token"))
     func = click.argument("source", required=False)(func)
     func = click.option("--adapter", "adapters", multiple=True, metavar="STEP=PATH", help="Explicit adapter folder per step (repeat).")(
         func
@@ -146,7 +189,8 @@ DEFAULT_CHUNK_MB = 64
 
 
 def compute_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--device and --chunk-mb."""
+    """--device and --chunk-mb, passed as ``compute: ComputeArgs``."""
+    func = _packed(func, "compute", ComputeArgs, ("device", "chunk_mb"))
     func = device_option(func)
     func = click.option(
         "--chunk-mb",
@@ -176,22 +220,24 @@ def resolve_source(source: str | None, adapters: tuple[str, ...], *, token: str 
     return Path(source), None, source
 
 
-def load_source(source, adapters, format_name, token, common: Common, *, trainer_state: bool = False):
+def load_source(src: SourceArgs, common: Common, *, trainer_state: bool = False):
     """The trajectory named by the source options."""
     from nextoffline.trajectory import load_trajectory
 
-    path, explicit, label = resolve_source(source, adapters, token=token, trainer_state=trainer_state, progress=common.progress)
-    return load_trajectory(path, adapters=explicit, format_name=format_name, source_label=label)
+    path, explicit, label = resolve_source(src.source, src.adapters, token=src.token, trainer_state=trainer_state, progress=common.progress)
+    return load_trajectory(path, adapters=explicit, format_name=src.format_name, source_label=label)
 
 
-def run_settings(device: str, chunk_mb: int, common: Common, *, horizon: int | None = None, next_epochs: int = 1000):
+def run_settings(compute: ComputeArgs, common: Common, predictor_args: PredictorArgs | None = None):
     """The pipeline's settings from the compute and predictor options."""
     from nextoffline.ops.device import resolve_device
     from nextoffline.ops.predictors import NextOptions, PredictorOptions
     from nextoffline.pipeline import RunSettings
 
-    predictors = PredictorOptions(horizon=horizon, next=NextOptions(epochs=next_epochs))
-    return RunSettings(device=resolve_device(device), chunk_bytes=chunk_mb * 2**20, progress=common.progress, predictors=predictors)
+    args = predictor_args or PredictorArgs(None, NextOptions.epochs)
+    predictors = PredictorOptions(horizon=args.horizon, next=NextOptions(epochs=args.next_epochs))
+    chunk_bytes = compute.chunk_mb * 2**20
+    return RunSettings(device=resolve_device(compute.device), chunk_bytes=chunk_bytes, progress=common.progress, predictors=predictors)
 
 
 def parse_float_list(text: str | None, option: str) -> list[float]:

@@ -8,6 +8,9 @@ import click
 
 from nextoffline.cli.options import (
     Common,
+    ComputeArgs,
+    PredictorArgs,
+    SourceArgs,
     common_options,
     compute_options,
     holdout_option,
@@ -48,23 +51,18 @@ __all__ = ["report_cmd"]
 @overwrite_option
 @common_options
 def report_cmd(
-    source,
-    adapters,
-    format_name,
-    token,
-    device,
-    chunk_mb,
-    out_dir,
-    extrapolation_dir,
-    methods,
-    backtest_methods,
-    holdout,
-    horizon,
-    next_epochs,
-    module_pattern,
-    max_modules,
-    end_step,
-    overwrite,
+    src: SourceArgs,
+    compute: ComputeArgs,
+    out_dir: Path,
+    extrapolation_dir: Path | None,
+    methods: str,
+    backtest_methods: str | None,
+    holdout: int,
+    predictor_args: PredictorArgs,
+    module_pattern: str | None,
+    max_modules: int,
+    end_step: float | None,
+    overwrite: bool,
     common: Common,
 ) -> None:
     """Write PNG plots and report.md: rank-1 energy, per-module coefficient fits, backtest errors, candidate scores."""
@@ -75,9 +73,9 @@ def report_cmd(
     require_matplotlib()  # fail before any work
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     backtest_list = [m.strip() for m in backtest_methods.split(",") if m.strip()] if backtest_methods else None
-    trajectory = load_source(source, adapters, format_name, token, common)
+    trajectory = load_source(src, common)
     check_output_location(out_dir, sources=output_sources(trajectory), overwrite=overwrite)  # once, before the work
-    settings = run_settings(device, chunk_mb, common, horizon=horizon, next_epochs=next_epochs)
+    settings = run_settings(compute, common, predictor_args)
     data = compute_report(
         trajectory,
         settings,
