@@ -37,6 +37,7 @@ from nextoffline.types import Trajectory
 __all__ = ["EvalResult", "EvalSpec", "best_index", "parse_score", "run_eval", "score_candidates"]
 
 LOG = logging.getLogger(__name__)
+
 #: Seconds a timed-out evaluator gets between SIGTERM and SIGKILL.
 _KILL_GRACE = 5.0
 
