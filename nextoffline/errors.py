@@ -21,6 +21,7 @@ __all__ = [
     "SourceNotFoundError",
     "UnsupportedAdapterError",
     "UsageError",
+    "WaitTimeoutError",
 ]
 
 
@@ -76,3 +77,9 @@ class HubError(NextOfflineError, OSError):
 
 class EvaluationError(NextOfflineError, RuntimeError):
     """A user evaluation command failed, timed out or printed no score."""
+
+
+class WaitTimeoutError(NextOfflineError, TimeoutError):
+    """``watch``: the awaited checkpoint did not become complete in time (exit code 124, as timeout(1))."""
+
+    exit_code = 124

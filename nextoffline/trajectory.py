@@ -204,6 +204,7 @@ def load_trajectory(
     format_name: str | None = None,
     min_steps: int = MIN_STEPS,
     source_label: str | None = None,
+    max_step: int | None = None,
 ) -> Trajectory:
     """Discover, read headers of, and validate a trajectory.
 
@@ -213,11 +214,14 @@ def load_trajectory(
         format_name: force a registered layout instead of probing.
         min_steps: fewest checkpoints accepted.
         source_label: how the source is named in reports (e.g. the ``hf://`` spec).
+        max_step: ignore checkpoints saved after this step (a run that is still training).
 
     Raises:
         NextOfflineError subclasses with one-line messages for every inconsistency.
     """
     fmt, refs = _resolve_steps(source, adapters, format_name)
+    if max_step is not None:
+        refs = [ref for ref in refs if ref.step <= max_step]
     if len(refs) < min_steps:
         found = ", ".join(str(r.step) for r in refs) or "none"
         where = source if source is not None else "--adapter"

@@ -1,4 +1,4 @@
-"""Command line interface: ``nextoffline {inspect,backtest,extrapolate,report,push}``."""
+"""Command line interface: ``nextoffline {inspect,backtest,extrapolate,watch,report,push}``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import click
 from nextoffline import __version__
 from nextoffline.cli.commands import backtest_cmd, demo_cmd, extrapolate_cmd, inspect_cmd, push_cmd
 from nextoffline.cli.report_cmd import report_cmd
+from nextoffline.cli.watch_cmd import watch_cmd
 
 __all__ = ["main"]
 
@@ -23,3 +24,4 @@ main.add_command(extrapolate_cmd)
 main.add_command(push_cmd)
 main.add_command(demo_cmd)
 main.add_command(report_cmd)
+main.add_command(watch_cmd)

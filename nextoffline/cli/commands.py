@@ -96,6 +96,7 @@ def backtest_cmd(
 )
 @click.option("--keep-all", is_flag=True, help="With --eval-cmd: keep every candidate, not only the best.")
 @overwrite_option
+@click.option("--max-step", type=click.IntRange(0), default=None, help="Ignore checkpoints saved after this step.")
 @json_option
 @common_options
 def extrapolate_cmd(
@@ -114,6 +115,7 @@ def extrapolate_cmd(
     eval_timeout: float,
     keep_all: bool,
     overwrite: bool,
+    max_step: int | None,
     as_json: bool,
     common: Common,
 ) -> None:
@@ -134,7 +136,7 @@ def extrapolate_cmd(
         raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
     if method != "auto":
         parse_predictor_name(method)
-    trajectory = load_source(src, common, trainer_state=resumable)
+    trajectory = load_source(src, common, trainer_state=resumable, max_step=max_step)
     settings = run_settings(compute, common, predictor_args)
     evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
     request = ExtrapolateRequest(

@@ -220,12 +220,12 @@ def resolve_source(source: str | None, adapters: tuple[str, ...], *, token: str 
     return Path(source), None, source
 
 
-def load_source(src: SourceArgs, common: Common, *, trainer_state: bool = False):
-    """The trajectory named by the source options."""
+def load_source(src: SourceArgs, common: Common, *, trainer_state: bool = False, max_step: int | None = None):
+    """The trajectory named by the source options (checkpoints up to ``max_step`` when given)."""
     from nextoffline.trajectory import load_trajectory
 
     path, explicit, label = resolve_source(src.source, src.adapters, token=src.token, trainer_state=trainer_state, progress=common.progress)
-    return load_trajectory(path, adapters=explicit, format_name=src.format_name, source_label=label)
+    return load_trajectory(path, adapters=explicit, format_name=src.format_name, source_label=label, max_step=max_step)
 
 
 def run_settings(compute: ComputeArgs, common: Common, predictor_args: PredictorArgs | None = None):
