@@ -18,7 +18,8 @@ pytest.importorskip("trl")
 from transformers import TrainerCallback
 
 from nextoffline.errors import UsageError
-from nextoffline.integrations.trl import ExtrapolationCallback, LiveLora, adjust_moments, read_ledger
+from nextoffline.integrations.live import LiveLora, adjust_moments
+from nextoffline.integrations.trl import ExtrapolationCallback, read_ledger
 
 
 class WeightsAt(TrainerCallback):
@@ -185,3 +186,50 @@ def test_adjust_moments_policies() -> None:
     assert adjust_moments(optimizer, lora, before, "reset") == 2
     assert float(optimizer.state[a]["step"]) == 0 and not optimizer.state[a]["exp_avg_sq"].any()
     assert adjust_moments(optimizer, lora, before, "keep") == 0
+
+
+DDP_WORKER = r"""
+import os, sys, torch
+import torch.distributed as dist
+from nextoffline.integrations.live import LiveLora, broadcast_from_main
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+params = {"m.lora_A.weight": torch.nn.Parameter(torch.randn(2, 6)), "m.lora_B.weight": torch.nn.Parameter(torch.randn(5, 2))}
+lora = LiveLora(dict(params))
+before = lora.snapshot()
+if rank == 0:  # only the main process computes the jump
+    lora.load({k: v + 1 for k, v in before.items()}, source="test")
+applied = broadcast_from_main(lora, rank == 0)
+after = {k: p.detach().clone() for k, p in params.items()}  # the Parameter objects created above: written in place
+torch.save({"applied": applied, "after": after, "before": before}, sys.argv[1] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_receive_the_main_process_jump(tmp_path: Path) -> None:
+    """Two gloo processes: rank 0 writes the jump in place, broadcast_from_main copies it into rank 1's live parameters."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DDP_WORKER, str(tmp_path)], env={**env, "RANK": str(rank)}, stderr=subprocess.PIPE, text=True
+        )
+        for rank in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert all(r["applied"] for r in results)
+    _assert_equal(results[0]["before"], results[1]["before"])
+    _assert_equal(results[1]["after"], {k: v + 1 for k, v in results[1]["before"].items()})

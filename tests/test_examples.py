@@ -29,7 +29,7 @@ def test_python_api_example(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_grpo_addition_quick(tmp_path: Path) -> None:
-    """SFT -> TRL GRPO + LoRA -> eval-scored resumable sweep -> two resumed runs (about a minute on 2 cores)."""
+    """SFT -> TRL GRPO + LoRA -> eval-scored resumable sweep -> two resumed runs -> a run with the in-run callback."""
     pytest.importorskip("trl")
     work = tmp_path / "work"
     proc = subprocess.run(
@@ -52,3 +52,8 @@ def test_tiny_grpo_addition_quick(tmp_path: Path) -> None:
     assert (resumed / "optimizer.pt").is_file() and (work / "seed_0" / "extrapolated_continued" / f"checkpoint-{total}").is_dir()
     assert "| **baseline**" in (work / "results.md").read_text()
     assert (work / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (jump,) = seed["loop"]["jump_once"]["jumps"]  # the in-run callback jumped once, at t1, and training went on to the end
+    assert jump["step"] == t1 and jump["applied"] and jump["method"] == "linear"
+    assert str(total) in seed["loop"]["jump_once"]["accuracy"] and str(t1) in seed["loop"]["jump_once"]["after_jump"]
+    assert (work / "seed_0" / "jump_once" / "nextoffline" / f"step_{t1}" / "adapter_model.safetensors").is_file()
+    assert (work / "results_loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

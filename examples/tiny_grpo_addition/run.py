@@ -61,6 +61,7 @@ class Mode:
     learning_rate: float
     lora_r: int
     seeds: tuple[int, ...]
+    loop: tuple[str, ...]  # in-run ExtrapolationCallback variants, each a fresh GRPO run to t_total
 
 
 FULL = Mode(
@@ -78,6 +79,7 @@ FULL = Mode(
     learning_rate=2e-3,
     lora_r=8,
     seeds=(0, 1, 2),
+    loop=("jump_once", "jump_once_rescale", "jump_once_reset", "jump_every"),
 )
 QUICK = Mode(
     sft_target=0.3,
@@ -94,6 +96,7 @@ QUICK = Mode(
     learning_rate=2e-3,
     lora_r=8,
     seeds=(0,),
+    loop=("jump_once",),
 )
 
 
@@ -104,7 +107,7 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------- GRPO
 
 
-def make_trainer(base: Path, out_dir: Path, mode: Mode, max_steps: int, seed: int):
+def make_trainer(base: Path, out_dir: Path, mode: Mode, max_steps: int, seed: int, callbacks=()):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoTokenizer
@@ -137,16 +140,24 @@ def make_trainer(base: Path, out_dir: Path, mode: Mode, max_steps: int, seed: in
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(
-        model=str(base), reward_funcs=reward_exact, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+        model=str(base),
+        reward_funcs=reward_exact,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=list(callbacks),
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     return trainer
 
 
-def run_grpo(base: Path, out_dir: Path, mode: Mode, max_steps: int, *, resume_from: Path | None = None, seed: int = 0) -> list[dict]:
+def run_grpo(
+    base: Path, out_dir: Path, mode: Mode, max_steps: int, *, resume_from: Path | None = None, seed: int = 0, callbacks=()
+) -> list[dict]:
     """Train (or resume) to ``max_steps``; return the per-step log history."""
-    trainer = make_trainer(base, out_dir, mode, max_steps, seed)
+    trainer = make_trainer(base, out_dir, mode, max_steps, seed, callbacks)
     started = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     first = int(resume_from.name.split("-")[1]) if resume_from else 0
@@ -237,6 +248,10 @@ def run_seed(seed: int, mode: Mode, work: Path, tokenizer) -> dict:
     baseline_log = run_grpo(base, baseline, mode, mode.t_total, resume_from=grpo / f"checkpoint-{mode.t1}", seed=seed)
     continued_log = run_grpo(base, continued, mode, mode.t_total, resume_from=Path(summary["resume"]["checkpoint_dir"]), seed=seed)
     rewards = lambda history, after: [{"step": h["step"], "reward": h["reward"]} for h in history if h["step"] > after]  # noqa: E731
+    loop = {}
+    for name in mode.loop:
+        log(f"[seed {seed}] 5. in-run: GRPO 1..{mode.t_total} from the base with ExtrapolationCallback ({LOOP_LABELS[name]})")
+        loop[name] = run_loop_variant(base, work / name, mode, seed, name, test, tokenizer)
     return {
         "seed": seed,
         "sft_steps": sft_steps,
@@ -257,6 +272,52 @@ def run_seed(seed: int, mode: Mode, work: Path, tokenizer) -> dict:
             "baseline": rewards(baseline_log, mode.t1),
             "extrapolated_continued": rewards(continued_log, mode.t1),
         },
+        "loop": loop,
+    }
+
+
+# ----------------------------------------------------------------------------- in-run extrapolation
+
+
+LOOP_LABELS = {
+    "jump_once": "one jump at T1, optimizer moments kept",
+    "jump_once_rescale": "one jump at T1, moments rescaled",
+    "jump_once_reset": "one jump at T1, moments reset",
+    "jump_every": "a jump every T1/2 steps, moments kept",
+}
+
+
+def loop_callback(name: str, mode: Mode):
+    """The ``ExtrapolationCallback`` of one variant (linear, coefficient 1, like the sweep's coef_1)."""
+    from nextoffline.integrations.trl import ExtrapolationCallback
+
+    if name == "jump_every":
+        return ExtrapolationCallback(every=mode.t1 // 2, method=mode.method, coef=1.0)
+    moments = {"jump_once": "keep", "jump_once_rescale": "rescale", "jump_once_reset": "reset"}[name]
+    return ExtrapolationCallback(at_steps=[mode.t1], method=mode.method, coef=1.0, optimizer_moments=moments)
+
+
+def run_loop_variant(base: Path, out: Path, mode: Mode, seed: int, name: str, problems, tokenizer) -> dict:
+    """A fresh GRPO run to ``t_total`` with the callback: jumps, test accuracy (checkpoints and jumped adapters), reward."""
+    callback = loop_callback(name, mode)
+    history = run_grpo(base, out, mode, mode.t_total, seed=seed, callbacks=[callback])
+    every = 1 if mode.t_total <= 20 else 2
+    steps = {s: p for s, p in checkpoints(out).items() if s % (every * mode.save_steps) == 0 or s == mode.t_total}
+    jumps = [
+        {"step": r.step, "applied": r.applied, "method": r.method, "backtest_error": r.backtest_error, "relative_update": r.relative_update}
+        for r in callback.records
+    ]
+    after_jump = {
+        str(r.step): accuracy(load_with_adapter(base, Path(r.folder)), tokenizer, problems) for r in callback.records if r.applied
+    }
+    for jump in jumps:
+        state = "applied" if jump["applied"] else "not applied"
+        log(f"  jump at step {jump['step']}: {jump['method']} {state} (backtest error {jump['backtest_error']})")
+    return {
+        "accuracy": {str(s): accuracy(load_with_adapter(base, p), tokenizer, problems) for s, p in sorted(steps.items())},
+        "after_jump": after_jump,
+        "jumps": jumps,
+        "reward": [{"step": h["step"], "reward": h["reward"]} for h in history if "reward" in h],
     }
 
 
@@ -429,6 +490,125 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _baseline_curve(seed: dict) -> dict[int, float]:
+    acc = seed["accuracy"]
+    return {0: acc["sft_base"], **{int(k): v for k, v in acc["grpo_phase1"].items()}, **{int(k): v for k, v in acc["baseline"].items()}}
+
+
+def _baseline_reward(seed: dict) -> list[dict]:
+    return seed["reward"]["grpo_phase1"] + seed["reward"]["baseline"]
+
+
+def _reward_mean(history: list[dict], first: int, last: int) -> float:
+    return mean(h["reward"] for h in history if first <= h["step"] <= last)
+
+
+def loop_markdown(results: dict) -> str:
+    """The in-run callback variants against the baseline at equal steps."""
+    t1, total, seeds = results["t1"], results["t_total"], results["seeds"]
+    names = list(seeds[0]["loop"])
+    if not names:
+        return ""
+    n, early = len(seeds), min(t1 + 5, total)
+
+    def cell(values: list[float]) -> str:
+        return f"{mean(values):.3f} ± {std(values):.3f}" if n > 1 else f"{values[0]:.3f}"
+
+    base_acc = [s["accuracy"]["baseline"][str(total)] for s in seeds]
+    lines = [
+        f"In-run `ExtrapolationCallback` ({results['method']}, coefficient 1), each a fresh GRPO run to step {total}; "
+        f"baseline = plain GRPO to step {total} (the same run as above). Test accuracy at step {total}"
+        + (f", mean ± std over {n} seeds" if n > 1 else "")
+        + ":",
+        "",
+        f"| run | jumps applied | test accuracy @ {total} | minus baseline, per seed | train reward {t1 + 1}..{early} | "
+        f"train reward {t1 + 1}..{total} |",
+        "|---|---|---:|---|---:|---:|",
+        f"| **baseline** | none | {cell(base_acc)} | | {cell([_reward_mean(_baseline_reward(s), t1 + 1, early) for s in seeds])} | "
+        f"{cell([_reward_mean(_baseline_reward(s), t1 + 1, total) for s in seeds])} |",
+    ]
+    for name in names:
+        runs = [s["loop"][name] for s in seeds]
+        applied = sorted({j["step"] for r in runs for j in r["jumps"] if j["applied"]})
+        counts = "; ".join(f"{sum(j['applied'] for j in r['jumps'])}/{len(r['jumps'])}" for r in runs)
+        acc = [r["accuracy"][str(total)] for r in runs]
+        diffs = ", ".join(f"{a - b:+.3f}" for a, b in zip(acc, base_acc))
+        lines.append(
+            f"| {name}: {LOOP_LABELS[name]} | {counts} (steps {', '.join(map(str, applied)) or '-'}) | {cell(acc)} | {diffs} | "
+            f"{cell([_reward_mean(r['reward'], t1 + 1, early) for r in runs])} | {cell([_reward_mean(r['reward'], t1 + 1, total) for r in runs])} |"
+        )
+    after = [(s["seed"], name, step, v) for s in seeds for name in names for step, v in s["loop"][name]["after_jump"].items()]
+    if after:
+        lines += [
+            "",
+            "Test accuracy of the jumped adapter itself (before any training from it) vs the checkpoint it jumped from: "
+            + "; ".join(
+                f"seed {seed} {name} @ {step}: {v:.3f} vs {_at(s_, name, int(step)):.3f}"
+                for seed, name, step, v in after
+                for s_ in seeds
+                if s_["seed"] == seed
+            )
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _at(seed: dict, name: str, step: int) -> float:
+    """Test accuracy of a variant's checkpoint (saved just before its jump); NaN when not evaluated."""
+    return seed["loop"][name]["accuracy"].get(str(step), float("nan"))
+
+
+def plot_loop(results: dict, path: Path) -> None:
+    """Test accuracy and training reward along training: baseline vs each in-run variant (mean over seeds)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    seeds, t1 = results["seeds"], results["t1"]
+    names = list(seeds[0]["loop"])
+    if not names:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
+    colors = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+    series = [("baseline", "#1f77b4", [_baseline_curve(s) for s in seeds], [_baseline_reward(s) for s in seeds])]
+    for i, name in enumerate(names):
+        curves = [{0: s["accuracy"]["sft_base"], **{int(k): v for k, v in s["loop"][name]["accuracy"].items()}} for s in seeds]
+        series.append((name, colors[i % len(colors)], curves, [s["loop"][name]["reward"] for s in seeds]))
+    for label, color, curves, rewards in series:
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax1.plot(
+            steps,
+            [mean(c[k] for c in curves) for k in steps],
+            "o-",
+            color=color,
+            markersize=3,
+            label=label,
+            linewidth=2 if label == "baseline" else 1.3,
+        )
+        reward_steps = sorted({h["step"] for h in rewards[0]})
+        values = [mean(h["reward"] for r in rewards for h in r if h["step"] == k) for k in reward_steps]
+        smooth = [mean(values[max(0, i - 4) : i + 1]) for i in range(len(values))]
+        ax2.plot(reward_steps, smooth, "-", color=color, label=f"{label} (5-step mean)", linewidth=2 if label == "baseline" else 1.3)
+    for name, color, *_ in series[1:]:
+        for seed in seeds[:1]:
+            for jump in seed["loop"][name]["jumps"]:
+                if jump["applied"]:
+                    ax1.axvline(jump["step"], color=color, linestyle=":", linewidth=0.8)
+    for ax, ylabel in ((ax1, f"test accuracy ({results['test_size']} problems)"), (ax2, "training reward")):
+        ax.axvline(t1, color="#999999", linestyle=":", linewidth=1)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(ylabel + (f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_title("In-run ExtrapolationCallback vs baseline: held-out accuracy")
+    ax2.set_title("Training reward")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -475,12 +655,15 @@ def main() -> None:
         "seconds": round(time.time() - started, 1),
     }
     write_json(work / "results.json", results)
-    table = markdown(results)
+    table = markdown(results) + "\n" + loop_markdown(results)
     (work / "results.md").write_text(table)
     plot(results, work / "results.png")
+    plot_loop(results, work / "results_loop.png")
     log("")
     log(table)
-    log(f"wrote {work / 'results.md'}, {work / 'results.png'} and {work / 'results.json'} ({results['seconds']:.0f}s in all)")
+    log(
+        f"wrote {work / 'results.md'}, {work / 'results.png'}, {work / 'results_loop.png'} and {work / 'results.json'} ({results['seconds']:.0f}s in all)"
+    )
 
 
 if __name__ == "__main__":
