@@ -161,6 +161,11 @@ class ExtrapolationCallback(TrainerCallback):
         next_epochs: NExt training epochs (``method="next"`` or ``auto``).
         min_checkpoints: fewest checkpoints since the last applied jump needed to extrapolate.
 
+    Under DDP only the main process extrapolates and calls ``eval_fn`` (which must therefore not
+    use collectives); the other ranks wait in a broadcast, so a slow method (``next`` on large
+    adapters) needs a ``ddp_timeout`` longer than it takes. With vLLM generation TRL syncs the
+    jumped weights at the next step, as after any optimizer step.
+
     Example:
         >>> trainer = GRPOTrainer(..., peft_config=LoraConfig(...),
         ...                       callbacks=[ExtrapolationCallback(at_steps=[150], method="auto", coef=1.0)])
