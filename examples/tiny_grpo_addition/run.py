@@ -79,7 +79,7 @@ FULL = Mode(
     learning_rate=2e-3,
     lora_r=8,
     seeds=(0, 1, 2),
-    loop=("jump_once", "jump_once_rescale", "jump_once_reset", "jump_every"),
+    loop=("jump_once", "jump_once_rescale", "jump_once_reset", "jump_every", "jump_once_auto", "jump_once_eval"),
 )
 QUICK = Mode(
     sft_target=0.3,
@@ -284,27 +284,45 @@ LOOP_LABELS = {
     "jump_once_rescale": "one jump at T1, moments rescaled",
     "jump_once_reset": "one jump at T1, moments reset",
     "jump_every": "a jump every T1/2 steps, moments kept",
+    "jump_once_auto": "one jump at T1 with method auto (backtest decides)",
+    "jump_once_eval": "one jump at T1, kept only if validation accuracy does not drop",
 }
 
 
-def loop_callback(name: str, mode: Mode):
+def loop_callback(name: str, mode: Mode, tokenizer):
     """The ``ExtrapolationCallback`` of one variant (linear, coefficient 1, like the sweep's coef_1)."""
     from nextoffline.integrations.trl import ExtrapolationCallback
 
     if name == "jump_every":
         return ExtrapolationCallback(every=mode.t1 // 2, method=mode.method, coef=1.0)
+    if name == "jump_once_auto":
+        return ExtrapolationCallback(at_steps=[mode.t1], method="auto", coef=1.0, next_epochs=200)
+    if name == "jump_once_eval":  # the validation split, as the offline sweep's --eval-cmd
+        validation = eval_set(mode.val_size, "val")
+        return ExtrapolationCallback(
+            at_steps=[mode.t1], method=mode.method, coef=1.0, eval_fn=lambda model: accuracy(model, tokenizer, validation)
+        )
     moments = {"jump_once": "keep", "jump_once_rescale": "rescale", "jump_once_reset": "reset"}[name]
     return ExtrapolationCallback(at_steps=[mode.t1], method=mode.method, coef=1.0, optimizer_moments=moments)
 
 
 def run_loop_variant(base: Path, out: Path, mode: Mode, seed: int, name: str, problems, tokenizer) -> dict:
     """A fresh GRPO run to ``t_total`` with the callback: jumps, test accuracy (checkpoints and jumped adapters), reward."""
-    callback = loop_callback(name, mode)
+    callback = loop_callback(name, mode, tokenizer)
     history = run_grpo(base, out, mode, mode.t_total, seed=seed, callbacks=[callback])
     every = 1 if mode.t_total <= 20 else 2
     steps = {s: p for s, p in checkpoints(out).items() if s % (every * mode.save_steps) == 0 or s == mode.t_total}
     jumps = [
-        {"step": r.step, "applied": r.applied, "method": r.method, "backtest_error": r.backtest_error, "relative_update": r.relative_update}
+        {
+            "step": r.step,
+            "applied": r.applied,
+            "method": r.method,
+            "backtest_error": r.backtest_error,
+            "relative_update": r.relative_update,
+            "eval_before": r.score_before,
+            "eval_after": r.score_after,
+            "note": r.note,
+        }
         for r in callback.records
     ]
     after_jump = {
@@ -312,7 +330,7 @@ def run_loop_variant(base: Path, out: Path, mode: Mode, seed: int, name: str, pr
     }
     for jump in jumps:
         state = "applied" if jump["applied"] else "not applied"
-        log(f"  jump at step {jump['step']}: {jump['method']} {state} (backtest error {jump['backtest_error']})")
+        log(f"  jump at step {jump['step']}: {jump['method']} {state}: {jump['note']} (backtest error {jump['backtest_error']})")
     return {
         "accuracy": {str(s): accuracy(load_with_adapter(base, p), tokenizer, problems) for s, p in sorted(steps.items())},
         "after_jump": after_jump,
@@ -516,7 +534,7 @@ def loop_markdown(results: dict) -> str:
 
     base_acc = [s["accuracy"]["baseline"][str(total)] for s in seeds]
     lines = [
-        f"In-run `ExtrapolationCallback` ({results['method']}, coefficient 1), each a fresh GRPO run to step {total}; "
+        f"In-run `ExtrapolationCallback` ({results['method']} unless named, coefficient 1), each a fresh GRPO run to step {total}; "
         f"baseline = plain GRPO to step {total} (the same run as above). Test accuracy at step {total}"
         + (f", mean ± std over {n} seeds" if n > 1 else "")
         + ":",
@@ -537,17 +555,19 @@ def loop_markdown(results: dict) -> str:
             f"| {name}: {LOOP_LABELS[name]} | {counts} (steps {', '.join(map(str, applied)) or '-'}) | {cell(acc)} | {diffs} | "
             f"{cell([_reward_mean(r['reward'], t1 + 1, early) for r in runs])} | {cell([_reward_mean(r['reward'], t1 + 1, total) for r in runs])} |"
         )
-    after = [(s["seed"], name, step, v) for s in seeds for name in names for step, v in s["loop"][name]["after_jump"].items()]
+    after = []
+    for name in names:
+        steps = sorted({int(k) for s in seeds for k in s["loop"][name]["after_jump"]})
+        for step in steps:
+            pairs = [
+                (s["loop"][name]["after_jump"][str(step)], _at(s, name, step)) for s in seeds if str(step) in s["loop"][name]["after_jump"]
+            ]
+            after.append(f"{name} @ {step}: {mean(a for a, _ in pairs):.3f} vs {mean(b for _, b in pairs):.3f} ({len(pairs)} seed(s))")
     if after:
         lines += [
             "",
-            "Test accuracy of the jumped adapter itself (before any training from it) vs the checkpoint it jumped from: "
-            + "; ".join(
-                f"seed {seed} {name} @ {step}: {v:.3f} vs {_at(s_, name, int(step)):.3f}"
-                for seed, name, step, v in after
-                for s_ in seeds
-                if s_["seed"] == seed
-            )
+            "Test accuracy of the jumped adapter itself (before training from it) vs the checkpoint it jumped from: "
+            + "; ".join(after)
             + ".",
         ]
     return "\n".join(lines) + "\n"
@@ -572,7 +592,7 @@ def plot_loop(results: dict, path: Path) -> None:
     if not names:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), constrained_layout=True)
-    colors = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+    colors = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
     series = [("baseline", "#1f77b4", [_baseline_curve(s) for s in seeds], [_baseline_reward(s) for s in seeds])]
     for i, name in enumerate(names):
         curves = [{0: s["accuracy"]["sft_base"], **{int(k): v for k, v in s["loop"][name]["accuracy"].items()}} for s in seeds]

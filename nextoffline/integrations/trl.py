@@ -257,7 +257,12 @@ class ExtrapolationCallback(TrainerCallback):
         running first lets :meth:`on_log` add ``nextoffline/*`` values to the log entry they report.
         """
         handler = sys._getframe(2).f_locals.get("self")  # CallbackHandler.call_event <- on_* event
-        if isinstance(handler, CallbackHandler) and handler.callbacks and handler.callbacks[0] is not self and self in handler.callbacks:
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            LOG.warning(
+                "ExtrapolationCallback: not called by a Trainer's CallbackHandler; nextoffline/* values reach only state.log_history"
+            )
+            return
+        if handler.callbacks[0] is not self:
             handler.callbacks.remove(self)
             handler.callbacks.insert(0, self)
 
