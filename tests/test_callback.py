@@ -151,6 +151,18 @@ def test_refuses_deepspeed_and_fsdp_at_construction(monkeypatch: pytest.MonkeyPa
     assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
+def test_refuses_deepspeed_from_the_training_arguments() -> None:
+    from types import SimpleNamespace
+
+    from nextoffline.integrations.trl import _check_parallelism
+
+    with pytest.raises(UsageError, match="does not support DeepSpeed"):
+        _check_parallelism(SimpleNamespace(deepspeed="ds_zero3.json", fsdp=[]))
+    with pytest.raises(UsageError, match="does not support FSDP"):
+        _check_parallelism(SimpleNamespace(deepspeed=None, fsdp=["full_shard"]))
+    _check_parallelism(SimpleNamespace(deepspeed=None, fsdp=[], distributed_state=SimpleNamespace(distributed_type="MULTI_GPU")))
+
+
 def test_options_are_checked() -> None:
     for kwargs in (
         {},
