@@ -597,21 +597,31 @@ def plot_loop(results: dict, path: Path) -> None:
     for i, name in enumerate(names):
         curves = [{0: s["accuracy"]["sft_base"], **{int(k): v for k, v in s["loop"][name]["accuracy"].items()}} for s in seeds]
         series.append((name, colors[i % len(colors)], curves, [s["loop"][name]["reward"] for s in seeds]))
+    common = set.intersection(*(set(c) for _, _, curves, _ in series for c in curves))  # steps every run was evaluated at
     for label, color, curves, rewards in series:
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        steps = sorted(common)
         ax1.plot(
             steps,
             [mean(c[k] for c in curves) for k in steps],
-            "o-",
+            "o--" if label == "baseline" else "o-",
             color=color,
             markersize=3,
             label=label,
             linewidth=2 if label == "baseline" else 1.3,
+            zorder=5 if label == "baseline" else 2,  # on top: runs that did not jump lie on it
         )
         reward_steps = sorted({h["step"] for h in rewards[0]})
         values = [mean(h["reward"] for r in rewards for h in r if h["step"] == k) for k in reward_steps]
         smooth = [mean(values[max(0, i - 4) : i + 1]) for i in range(len(values))]
-        ax2.plot(reward_steps, smooth, "-", color=color, label=f"{label} (5-step mean)", linewidth=2 if label == "baseline" else 1.3)
+        ax2.plot(
+            reward_steps,
+            smooth,
+            "--" if label == "baseline" else "-",
+            color=color,
+            label=f"{label} (5-step mean)",
+            linewidth=2 if label == "baseline" else 1.3,
+            zorder=5 if label == "baseline" else 2,
+        )
     for name, color, *_ in series[1:]:
         for seed in seeds[:1]:
             for jump in seed["loop"][name]["jumps"]:
