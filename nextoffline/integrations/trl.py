@@ -303,6 +303,7 @@ class ExtrapolationCallback(TrainerCallback):
 
     def _extrapolate(self, output_dir: Path, step: int, lora: LiveLora, model, before: dict[str, torch.Tensor]) -> JumpRecord:
         from nextoffline.formats import get_format
+        from nextoffline.ops.predictors import NextOptions, PredictorOptions
         from nextoffline.output import save_extrapolation
         from nextoffline.pipeline import RunSettings, extrapolate
         from nextoffline.trajectory import load_trajectory
@@ -314,7 +315,8 @@ class ExtrapolationCallback(TrainerCallback):
         if len(refs) < self.min_checkpoints or refs[-1].step != step:
             note = f"{len(refs)} checkpoint(s) since step {since} ({used}); at least {self.min_checkpoints} needed, ending at {step}"
             return self._skip(step, note, used)
-        settings = RunSettings(device=lora.device, progress=False, horizon=self.horizon, next_options={"epochs": self.next_epochs})
+        predictors = PredictorOptions(horizon=self.horizon, next=NextOptions(epochs=self.next_epochs))
+        settings = RunSettings(device=lora.device, progress=False, predictors=predictors)
         try:
             trajectory = load_trajectory(
                 adapters={r.step: r.checkpoint_dir for r in refs}, source_label=f"{output_dir} (in run, steps {used[0]}..{used[-1]})"
