@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shlex
 import subprocess
@@ -80,8 +79,9 @@ def watch_cmd(run_dir: Path, at_steps: str, exec_cmd: str | None, timeout: float
 
 def _run_exec(template: str, out: Path, step: int) -> None:
     """Run the user's command (e.g. a resume launcher); its failure ends ``watch`` with its exit code."""
-    manifest = json.loads((out / "nextoffline.json").read_text(encoding="utf-8"))
-    resume = manifest.get("resume") or {}
+    from nextoffline.artifacts import read_manifest
+
+    resume = read_manifest(out).resume or {}
     checkpoint = out / resume["checkpoint_dir"] if resume.get("checkpoint_dir") else out
     command = (
         template.replace("{out}", shlex.quote(str(out))).replace("{checkpoint}", shlex.quote(str(checkpoint))).replace("{step}", str(step))

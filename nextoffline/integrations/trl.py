@@ -292,9 +292,10 @@ class ExtrapolationCallback(TrainerCallback):
         if state.is_world_process_zero:
             record = read_ledger(Path(args.output_dir)).get(state.global_step)
             if record is not None and record.applied and record.folder:
+                from nextoffline.artifacts import ADAPTER_WEIGHTS_NAME
                 from nextoffline.io.reader import read_keys
 
-                weights = Path(record.folder) / "adapter_model.safetensors"
+                weights = Path(record.folder) / ADAPTER_WEIGHTS_NAME
                 lora.load(read_keys(weights, lora.params), source=str(weights))
                 LOG.info("nextoffline: resumed at step %d: re-applied the recorded extrapolation %s", state.global_step, record.folder)
         if broadcast_from_main(lora, bool(record and record.applied and record.folder)):
