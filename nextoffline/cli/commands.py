@@ -9,6 +9,7 @@ import click
 from nextoffline.cli.options import (
     Common,
     ComputeArgs,
+    FullArgs,
     PredictorArgs,
     SourceArgs,
     command_line,
@@ -16,6 +17,7 @@ from nextoffline.cli.options import (
     compute_options,
     device_option,
     echo_json,
+    full_options,
     holdout_option,
     json_option,
     load_source,
@@ -36,12 +38,16 @@ __all__ = ["backtest_cmd", "demo_cmd", "extrapolate_cmd", "inspect_cmd", "push_c
 @source_options
 @compute_options
 @json_option
+@full_options
 @common_options
-def inspect_cmd(src: SourceArgs, compute: ComputeArgs, as_json: bool, common: Common) -> None:
+def inspect_cmd(src: SourceArgs, compute: ComputeArgs, as_json: bool, full_args: FullArgs, common: Common) -> None:
     """Show what a trajectory holds: layout, steps, modules, rank, rank-1 dominance."""
     from nextoffline.cli.render import render_inspect
+    from nextoffline.dense.commands import dense_inspect_cmd, wants_dense
     from nextoffline.pipeline import inspect_trajectory
 
+    if wants_dense(src, full_args):  # full-parameter hook
+        return dense_inspect_cmd(src, full_args, compute, as_json, common.progress)
     trajectory = load_source(src, common)
     report = inspect_trajectory(trajectory, run_settings(compute, common))
     echo_json(report) if as_json else click.echo(render_inspect(report))
@@ -54,12 +60,24 @@ def inspect_cmd(src: SourceArgs, compute: ComputeArgs, as_json: bool, common: Co
 @click.option("--methods", default=None, help="Comma list of predictors (default: every auto candidate).")
 @predictor_options
 @json_option
+@full_options
 @common_options
 def backtest_cmd(
-    src: SourceArgs, compute: ComputeArgs, holdout: int, methods: str | None, predictor_args: PredictorArgs, as_json: bool, common: Common
+    src: SourceArgs,
+    compute: ComputeArgs,
+    holdout: int,
+    methods: str | None,
+    predictor_args: PredictorArgs,
+    as_json: bool,
+    full_args: FullArgs,
+    common: Common,
 ) -> None:
     """Fit each predictor on a prefix and score its prediction of the held-out tail (1.0 = no better than stopping)."""
     from nextoffline.cli.render import render_backtest
+    from nextoffline.dense.commands import dense_backtest_cmd, wants_dense
+
+    if wants_dense(src, full_args):  # full-parameter hook
+        return dense_backtest_cmd(src, full_args, compute, holdout, methods, as_json, common.progress)
     from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
     from nextoffline.pipeline import backtest
 
@@ -98,6 +116,7 @@ def backtest_cmd(
 @overwrite_option
 @click.option("--max-step", type=click.IntRange(0), default=None, help="Ignore checkpoints saved after this step.")
 @json_option
+@full_options
 @common_options
 def extrapolate_cmd(
     src: SourceArgs,
@@ -117,16 +136,41 @@ def extrapolate_cmd(
     overwrite: bool,
     max_step: int | None,
     as_json: bool,
+    full_args: FullArgs,
     common: Common,
 ) -> None:
-    """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout)."""
+    """Predict the adapter at a later step and write it (PEFT layout; --resumable adds the trainer's layout).
+
+    Full-parameter runs (probed, or --full) write a whole HF model folder; run under
+    `torchrun --nproc_per_node G -m nextoffline extrapolate ...` to spread the tensors over processes.
+    """
     from nextoffline.cli.render import extrapolation_summary, render_extrapolation
+    from nextoffline.dense.commands import dense_extrapolate_cmd, wants_dense
     from nextoffline.errors import UsageError
     from nextoffline.evaluation import EvalSpec
     from nextoffline.extrapolate_job import ExtrapolateRequest, run_extrapolate
     from nextoffline.ops.predictors import parse_predictor_name
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
+    if wants_dense(src, full_args):  # full-parameter hook
+        if eval_cmd or keep_all or rank_policy != "keep":
+            raise UsageError("--eval-cmd, --keep-all and --rank-policy are LoRA-only; drop them for a full-parameter run")
+        return dense_extrapolate_cmd(
+            src,
+            full_args,
+            compute,
+            as_json=as_json,
+            out_dir=out_dir,
+            method=method,
+            coefs=coefs,
+            to_steps=steps,
+            holdout=holdout,
+            horizon=predictor_args.horizon,
+            resumable=resumable,
+            overwrite=overwrite,
+            command=command_line(),
+            progress=common.progress,
+        )
     if (keep_all or eval_lower_is_better) and not eval_cmd:
         raise UsageError(
             f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "

@@ -24,6 +24,7 @@ from nextoffline.errors import NextOfflineError, UsageError
 __all__ = [
     "Common",
     "ComputeArgs",
+    "FullArgs",
     "PredictorArgs",
     "SourceArgs",
     "command_line",
@@ -31,6 +32,7 @@ __all__ = [
     "compute_options",
     "device_option",
     "echo_json",
+    "full_options",
     "holdout_option",
     "json_option",
     "load_source",
@@ -150,6 +152,14 @@ class PredictorArgs:
     next_epochs: int
 
 
+@dataclass(frozen=True)
+class FullArgs:
+    """The full-parameter options: --full, --base (see :mod:`nextoffline.dense`)."""
+
+    full: bool
+    base: Path | None
+
+
 def _packed(func: Callable[..., Any], into: str, cls: type, names: tuple[str, ...]) -> Callable[..., Any]:
     """``func`` called with the options ``names`` gathered into one ``cls`` keyword ``into``."""
 
@@ -182,6 +192,15 @@ def source_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )
     func = click.option("--format", "format_name", default=None, help="Force a layout: peft, trl, verl, openrlhf (default: probe).")(func)
     return token_option(func)
+
+
+def full_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--full and --base, passed as ``full_args: FullArgs``."""
+    func = _packed(func, "full_args", FullArgs, ("full", "base"))
+    func = click.option("--full", is_flag=True, help="Full-parameter trajectory (default: detected by probing).")(func)
+    return click.option(
+        "--base", type=click.Path(path_type=Path), default=None, help="Full-parameter: the step-0 model (default: earliest checkpoint)."
+    )(func)
 
 
 #: ``nextoffline.loader.DEFAULT_CHUNK_BYTES`` in MiB (not imported: the CLI starts without torch).

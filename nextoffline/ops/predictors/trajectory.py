@@ -29,6 +29,7 @@ __all__ = [
     "direction_component",
     "gram_cache_bytes",
     "memoise_window_grams",
+    "rank1_from_gram",
     "shared_trajectory_gram",
     "trajectory_energy",
     "trajectory_rank1",
@@ -138,7 +139,12 @@ class TrajectoryRank1:
 
 def trajectory_rank1(chunk: FactorChunk, grams: WindowGrams | None = None) -> TrajectoryRank1:
     """Top trajectory direction of every module of ``chunk`` over all its steps."""
-    gram = (grams or window_grams(chunk)).trajectory(chunk.scaling, chunk.b.shape[-1])
+    return rank1_from_gram((grams or window_grams(chunk)).trajectory(chunk.scaling, chunk.b.shape[-1]))
+
+
+def rank1_from_gram(gram: torch.Tensor) -> TrajectoryRank1:
+    """Top trajectory direction from the ``(N, W, W)`` Frobenius Gram ``<dW_i, dW_j>`` of a window
+    (shared by the factored LoRA path and the dense full-parameter path)."""
     evals, evecs = torch.linalg.eigh(gram)
     top, e = evals[:, -1].clamp_min(0), evecs[:, :, -1]
     e = e * torch.where(e.sum(-1, keepdim=True) < 0, -1.0, 1.0).to(e)

@@ -1,0 +1,457 @@
+"""Full-parameter trajectories: statistics pass, backtest/selection, slab-wise write.
+
+Two streamed passes over the files, tensor by tensor and slab by slab (peak memory: the chunk
+budget plus small per-tensor results, whatever the number of checkpoints or the model size):
+
+1. :func:`collect_stats`: per tensor, the ``K x K`` temporal Gram of the global deltas
+   (float64) and, for 16-bit weights, how many elements did not change between consecutive
+   checkpoints (updates below the dtype's resolution are lost).
+2. :func:`write_extrapolated_model`: ``W_last + sum_i w_i (W_i - W_ref)`` per slab, cast to the
+   stored dtype, written at the same byte offsets as the latest checkpoint's files.
+
+Fitting and selection need only the Grams. Under ``torchrun`` each rank reads the tensors
+:func:`~nextoffline.dense.dist.partition` gives it, the Grams are gathered, every rank fits
+all tensors identically, and each rank writes its tensors into the shared output files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from nextoffline.dense.dist import Group, partition
+from nextoffline.dense.layout import DenseTrajectory
+from nextoffline.dense.stream import FileHandles, read_into, read_slab, slab_bounds, write_slab
+from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
+from nextoffline.loader import BufferPool
+from nextoffline.ops.dense import (
+    Triplet,
+    accumulate_gram,
+    align_signs,
+    holdout_errors,
+    safe_ratio,
+    single_thread,
+    top_triplet,
+    trend_weights,
+)
+from nextoffline.ops.predictors import parse_predictor_name
+from nextoffline.pipeline import AUTO_MAX_ERROR, BacktestResult, default_horizon, horizon_steps, resolve_targets
+
+__all__ = [
+    "DenseChoice",
+    "DenseStats",
+    "collect_stats",
+    "dense_auto_candidates",
+    "dense_backtest",
+    "dense_inspect",
+    "owned_keys",
+    "rank1_energy",
+    "resolution_warning",
+    "select_predictor",
+    "write_extrapolated_model",
+]
+
+LOG = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: warn when at least this fraction of 16-bit weights is unchanged between consecutive checkpoints
+UNCHANGED_WARN = 0.5
+
+
+@dataclass
+class DenseStats:
+    """Per floating-point tensor (canonical order ``keys``): temporal Grams of the global deltas."""
+
+    keys: list[str]
+    grams: torch.Tensor  # (N, K, K) float64
+    unchanged: torch.Tensor  # (K,) int64: sampled 16-bit elements equal to the previous checkpoint's (index 0 unused)
+    low_precision_elements: int  # 16-bit elements sampled (every UNCHANGED_SAMPLE_STRIDE-th)
+
+
+def _float_keys(trajectory: DenseTrajectory) -> list[str]:
+    return [k for k in trajectory.keys if trajectory.latest.entries[k].dtype.is_floating_point]
+
+
+def owned_keys(trajectory: DenseTrajectory, group: Group) -> list[str]:
+    """Tensor keys this rank reads and writes (all of them in a single process)."""
+    keys = trajectory.keys
+    parts = partition([trajectory.latest.entries[k].nbytes for k in keys], group.world)
+    return [keys[i] for i in parts[group.rank]]
+
+
+def _threads(device: torch.device):
+    """Streaming passes on CPU run on one intra-op thread per process: they are memory-bound, and an
+    OpenMP fork/join per slab operation cost 40x on a loaded 2-core machine (29 ms vs 0.7 ms for a
+    1M-element widen). More cores: more processes (``torchrun``)."""
+    return single_thread() if device.type == "cpu" else contextlib.nullcontext()
+
+
+def _bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, leave=False)
+
+
+#: the 16-bit "unchanged" fraction is estimated on every this-many-th element (a measured sample)
+UNCHANGED_SAMPLE_STRIDE = 16
+
+
+class _Workspace:
+    """Flat buffers reused by every slab (fresh memory per slab costs page faults: ~4x slower on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = BufferPool()
+
+    def raw(self, elements: int) -> torch.Tensor:
+        return self.pool.take("raw", (elements * 8,), torch.uint8)
+
+    def f32(self, name: str, rows: int, elements: int) -> torch.Tensor:
+        return (
+            self.pool.take(f"f32-{name}", (rows, elements), torch.float32)
+            if self.device.type == "cpu"
+            else self._device(name, rows, elements)
+        )
+
+    def f64(self, rows: int, elements: int) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return self.pool.take("f64", (rows, elements), torch.float64)
+        return torch.empty(rows, elements, dtype=torch.float64, device=self.device)
+
+    def _device(self, name: str, rows: int, elements: int) -> torch.Tensor:
+        key = f"dev-{name}"
+        held = getattr(self, key.replace("-", "_"), None)
+        if held is None or held.numel() < rows * elements:
+            held = torch.empty(rows * elements, dtype=torch.float32, device=self.device)
+            setattr(self, key.replace("-", "_"), held)
+        return held[: rows * elements].view(rows, elements)
+
+
+def _tensor_stats(trajectory: DenseTrajectory, handles: FileHandles, key: str, budget: int, work: _Workspace):
+    """Gram ``(K, K)`` of the global deltas of one tensor and its sampled unchanged-element counts."""
+    checkpoints, reference = trajectory.checkpoints, trajectory.reference
+    k = len(checkpoints)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=work.device)
+    unchanged = torch.zeros(k, dtype=torch.int64)
+    low = trajectory.latest.entries[key].dtype in _LOW_PRECISION
+    sampled = 0
+    for start, stop in slab_bounds(trajectory.latest.entries[key], k + 1, budget):
+        size = stop - start
+        raw = work.raw(size)
+        ref = read_into(handles, reference, key, start, stop, work.f32("ref", 1, size)[0], raw)
+        deltas = work.f32("deltas", k, size)
+        for t, checkpoint in enumerate(checkpoints):
+            read_into(handles, checkpoint, key, start, stop, deltas[t], raw).sub_(ref)
+        accumulate_gram(gram, deltas, scratch=work.f64(k, size))
+        if low:
+            sample = deltas[:, ::UNCHANGED_SAMPLE_STRIDE]
+            unchanged[1:] += (sample[1:] == sample[:-1]).sum(-1).cpu()
+            sampled += sample.shape[-1]
+    gram = gram.cpu()
+    if not bool(torch.isfinite(gram).all()):
+        bad = [c.folder for t, c in enumerate(checkpoints) if not bool(torch.isfinite(gram[t, t]))]
+        where = bad[0] if len(bad) < k else reference.folder
+        raise NumericalError(f"{where}: tensor {key} holds NaN or Inf; drop this checkpoint from the run folder")
+    return gram, unchanged, sampled
+
+
+def collect_stats(trajectory: DenseTrajectory, device: torch.device, budget: int, group: Group, *, progress: bool = False) -> DenseStats:
+    """Pass 1 over the files: Grams of this rank's tensors, gathered so every rank holds all of them."""
+    float_keys = set(_float_keys(trajectory))
+    mine = [k for k in owned_keys(trajectory, group) if k in float_keys]
+    local: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    work = _Workspace(device)
+    with _threads(device), FileHandles() as handles, _bar(len(mine), "read", progress and group.is_main) as bar:
+        for key in mine:
+            local[key] = _tensor_stats(trajectory, handles, key, budget, work)
+            bar.update(1)
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for part in group.all_gather(local):
+        merged.update(part)
+    keys = [k for k in trajectory.keys if k in float_keys]
+    k = len(trajectory.checkpoints)
+    grams = torch.stack([merged[key][0] for key in keys]) if keys else torch.zeros(0, k, k, dtype=torch.float64)
+    unchanged = torch.zeros(k, dtype=torch.int64)
+    for key in keys:
+        unchanged += merged[key][1]
+    low_elements = sum(merged[key][2] for key in keys)
+    return DenseStats(keys=keys, grams=grams, unchanged=unchanged, low_precision_elements=low_elements)
+
+
+def resolution_warning(trajectory: DenseTrajectory, stats: DenseStats) -> str | None:
+    """A measured warning when most 16-bit weights did not move between consecutive checkpoints."""
+    if stats.low_precision_elements == 0 or len(trajectory.checkpoints) < 2:
+        return None
+    fractions = (stats.unchanged[1:].double() / stats.low_precision_elements).tolist()
+    median = sorted(fractions)[len(fractions) // 2]
+    if median < UNCHANGED_WARN:
+        return None
+    return (
+        f"{median:.0%} of the 16-bit weights are bit-identical between consecutive checkpoints (median over steps): "
+        "per-step updates below bf16/fp16 resolution are lost in these saves; save fp32 weights "
+        "(or the trainer's fp32 master copy) for a faithful trajectory"
+    )
+
+
+# ------------------------------------------------------------------------------------- backtest
+
+
+def dense_auto_candidates(num_observed: int) -> list[str]:
+    """The trajectory predictors ``auto`` backtests on dense deltas.
+
+    NExt is LoRA-only; ``gp`` (one scikit-learn Gaussian process per tensor, ~1 s each on a CI
+    core, so minutes for a few hundred tensors) is left out and can be asked for by name.
+    """
+    windows = sorted({w for w in (3, 5) if w < num_observed})
+    return [f"{kind}@{w}" for kind in ("linear", "power") for w in windows] + ["linear", "power", "poly"]
+
+
+def _check_method(spec: str) -> tuple[str, int | None]:
+    name, window = parse_predictor_name(spec)
+    if name == "next":
+        raise UsageError("--method next is LoRA-only (its networks read rank-1 triplets of factors); use linear, power, poly or gp")
+    return name, window
+
+
+def dense_backtest(trajectory: DenseTrajectory, stats: DenseStats, methods: Sequence[str], *, holdout: int = 2) -> BacktestResult:
+    """Fit each method on a prefix and score the held-out tail (1.0 = no better than stopping).
+
+    Raises:
+        NotEnoughCheckpointsError: fewer than 3 checkpoints would remain to fit on.
+    """
+    k = len(trajectory.checkpoints)
+    if holdout < 1 or k - holdout < 3:
+        raise NotEnoughCheckpointsError(
+            f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
+            "at least 3 are needed: lower --holdout, or pick a predictor with --method to skip the backtest"
+        )
+    steps = [float(s) for s in trajectory.step_numbers]
+    prefix, heldout = list(range(k - holdout)), list(range(k - holdout, k))
+    errors: dict[str, float] = {}
+    per_step: dict[str, list[float]] = {}
+    failures: dict[str, str] = {}
+    for spec in methods:
+        regressor, window = _check_method(spec)
+        if window is not None and window > len(prefix):
+            failures[spec] = f"window {window} is longer than the {len(prefix)} observed checkpoints"
+            continue
+        err_sum = torch.zeros(holdout, dtype=torch.float64)
+        base_sum = torch.zeros(holdout, dtype=torch.float64)
+        for j, t in enumerate(heldout):
+            weights = trend_weights(stats.grams, steps, prefix, regressor=regressor, window=window, target_step=steps[t])
+            err, base = holdout_errors(stats.grams, weights, prefix[-1], t)
+            err_sum[j], base_sum[j] = err.sum(), base.sum()
+        errors[spec] = safe_ratio(float(err_sum.sum()), float(base_sum.sum()))
+        per_step[spec] = [safe_ratio(float(err_sum[j]), float(base_sum[j])) for j in range(holdout)]
+    observed = trajectory.step_numbers
+    return BacktestResult(holdout, observed[: k - holdout], observed[k - holdout :], errors, per_step, failures)
+
+
+@dataclass
+class DenseChoice:
+    """The predictor used (``None``: keep the latest weights), its weights over steps and why."""
+
+    method: str | None
+    weights: torch.Tensor  # (N, K) float64, rows in DenseStats.keys order
+    target_step: float
+    coef: float
+    horizon: int
+    horizon_steps: float
+    backtest: BacktestResult | None
+    note: str
+
+
+def select_predictor(
+    trajectory: DenseTrajectory,
+    stats: DenseStats,
+    *,
+    method: str = "auto",
+    coefs: Sequence[float] = (),
+    to_steps: Sequence[float] = (),
+    holdout: int = 2,
+    horizon: int | None = None,
+) -> DenseChoice:
+    """Resolve the target, run the ``auto`` backtest when asked, and fit the chosen predictor on all steps."""
+    k = len(trajectory.checkpoints)
+    horizon = horizon or default_horizon(k)
+    targets = resolve_targets(trajectory, horizon=horizon, coefs=coefs, to_steps=to_steps)  # type: ignore[arg-type]
+    if len(targets) != 1:
+        raise UsageError("full-parameter extrapolation writes one model per run: give a single --coef or --to-step")
+    target_step, coef = targets[0].step, targets[0].coef
+    span = horizon_steps(trajectory, horizon)  # type: ignore[arg-type]
+    report, note = None, ""
+    if method == "auto":
+        report = dense_backtest(trajectory, stats, dense_auto_candidates(k - holdout), holdout=holdout)
+        best, error = report.best()
+        if best is None:
+            note = (
+                f"no predictor beat stopping at the last checkpoint in the backtest (best error >= {AUTO_MAX_ERROR}): "
+                "the latest weights are kept unchanged"
+            )
+            weights = torch.zeros(len(stats.keys), k, dtype=torch.float64)
+            return DenseChoice(None, weights, target_step, coef, horizon, span, report, note)
+        method, note = best, f"auto selected {best} (backtest error {error:.3f} vs 1.0 for stopping)"
+    regressor, window = _check_method(method)
+    if window is not None and window > k:
+        raise NotEnoughCheckpointsError(f"--method {method}: the window is longer than the {k} checkpoints")
+    steps = [float(s) for s in trajectory.step_numbers]
+    weights = trend_weights(stats.grams, steps, list(range(k)), regressor=regressor, window=window, target_step=target_step)
+    return DenseChoice(method, weights, target_step, coef, horizon, span, report, note)
+
+
+# ---------------------------------------------------------------------------------------- write
+
+
+def _extrapolate_slab(
+    trajectory: DenseTrajectory, handles: FileHandles, key: str, start: int, stop: int, weights: torch.Tensor, work: _Workspace
+) -> torch.Tensor:
+    """``W_last + sum_i w_i (W_i - W_ref)`` on one slab, in the stored dtype of the latest checkpoint."""
+    latest = trajectory.latest
+    entry = latest.entries[key]
+    nonzero = [i for i in range(weights.shape[0]) if float(weights[i]) != 0.0]
+    size = stop - start
+    raw = work.raw(size)
+    if not entry.dtype.is_floating_point or not nonzero:
+        return read_slab(handles, latest, key, start, stop, raw)
+    slots = work.f32("write", 3, size)
+    out = read_into(handles, latest, key, start, stop, slots[0], raw)
+    ref = read_into(handles, trajectory.reference, key, start, stop, slots[1], raw)
+    for i in nonzero:
+        delta = read_into(handles, trajectory.checkpoints[i], key, start, stop, slots[2], raw).sub_(ref)
+        out.add_(delta, alpha=float(weights[i]))
+    stored = out.to(entry.dtype)
+    if not bool(torch.isfinite(stored).all()):
+        raise NumericalError(
+            f"{key}: the extrapolated weights are not finite in {entry.dtype}; lower the coefficient or use another --method"
+        )
+    return stored
+
+
+#: float32 rows the write pass holds per element (latest, reference, one checkpoint) plus staging
+_WRITE_SERIES = 4
+
+
+def write_extrapolated_model(
+    trajectory: DenseTrajectory,
+    choice: DenseChoice,
+    stats: DenseStats,
+    out_dir: Path,
+    group: Group,
+    *,
+    device: torch.device,
+    budget: int,
+    progress: bool = False,
+) -> None:
+    """Pass 2: fill this rank's tensors into the output weight files (created beforehand by rank 0)."""
+    row = {key: i for i, key in enumerate(stats.keys)}
+    k = len(trajectory.checkpoints)
+    zero = torch.zeros(k, dtype=torch.float64)
+    mine = owned_keys(trajectory, group)
+    work = _Workspace(device)
+    with (
+        _threads(device),
+        FileHandles() as reads,
+        FileHandles(write=True) as writes,
+        _bar(len(mine), "write", progress and group.is_main) as bar,
+    ):
+        for key in mine:
+            entry = trajectory.latest.entries[key]
+            weights = choice.weights[row[key]] if key in row else zero
+            for start, stop in slab_bounds(entry, _WRITE_SERIES, budget):
+                values = _extrapolate_slab(trajectory, reads, key, start, stop, weights, work)
+                write_slab(writes, out_dir / entry.file, entry, start, values)
+            bar.update(1)
+
+
+# -------------------------------------------------------------------------------------- inspect
+
+
+@dataclass
+class Rank1Energy:
+    """Per step, ``sum sigma_1^2 / sum |G_t|_F^2`` over the 2-D tensors that fit the budget."""
+
+    top: torch.Tensor  # (K,) float64
+    total: torch.Tensor  # (K,) float64
+    tensors: int
+    skipped: int
+
+
+def rank1_energy(trajectory: DenseTrajectory, device: torch.device, budget: int) -> Rank1Energy:
+    """Top singular triplet of every 2-D global delta ``G_t = W_t - W_ref`` at every step, by subspace
+    iteration warm-started from the previous step's ``v`` (sign-aligned to its ``u``).
+
+    Tensors whose float32 delta (plus two staging copies) exceeds ``budget`` are skipped and counted.
+    """
+    k = len(trajectory.checkpoints)
+    top, total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    done = skipped = 0
+    work = _Workspace(device)
+    with _threads(device), FileHandles() as handles:
+        for key in _float_keys(trajectory):
+            entry = trajectory.latest.entries[key]
+            if len(entry.shape) != 2:
+                continue
+            if entry.numel * 4 * 3 > budget:
+                skipped += 1
+                continue
+            raw = work.raw(entry.numel)
+            ref = read_into(handles, trajectory.reference, key, 0, entry.numel, work.f32("r1-ref", 1, entry.numel)[0], raw)
+            previous: Triplet | None = None
+            for t, checkpoint in enumerate(trajectory.checkpoints):
+                delta = read_into(handles, checkpoint, key, 0, entry.numel, work.f32("r1-delta", 1, entry.numel)[0], raw).sub_(ref)
+                matrix = delta.view(1, *entry.shape)
+                total[t] += float(matrix.double().square().sum())
+                if not bool(matrix.any()):
+                    continue
+                triplet = top_triplet(matrix, init=previous.v if previous is not None else None)
+                previous = align_signs(triplet, previous.u if previous is not None else None)
+                top[t] += float(previous.sigma.double().square().sum())
+            done += 1
+    return Rank1Energy(top=top, total=total, tensors=done, skipped=skipped)
+
+
+def dense_inspect(trajectory: DenseTrajectory, stats: DenseStats, rank1: Rank1Energy | None = None) -> dict[str, Any]:
+    """Layout, steps, tensors and the temporal structure of a full-parameter trajectory (JSON-able)."""
+    from nextoffline.ops.predictors.trajectory import rank1_from_gram
+
+    grams = stats.grams
+    diag = torch.diagonal(grams, dim1=-2, dim2=-1)  # (N, K): |g_t|^2
+    k = len(trajectory.checkpoints)
+    local = [float((diag[:, t] - 2 * grams[:, t, t - 1] + diag[:, t - 1]).clamp_min(0).sum()) if t else None for t in range(k)]
+    explained = rank1_from_gram(grams).explained if len(stats.keys) else torch.zeros(0, dtype=torch.float64)
+    energy = diag.sum(-1)
+    total = float(energy.sum())
+    entries = trajectory.latest.entries
+    low = stats.low_precision_elements
+    return {
+        "source": trajectory.source_label,
+        "format": trajectory.layout,
+        "kind": "full-parameter",
+        "steps": trajectory.step_numbers,
+        "reference": str(trajectory.base.folder) if trajectory.base else f"earliest checkpoint (step {trajectory.step_numbers[0]})",
+        "num_tensors": len(entries),
+        "parameters": sum(e.numel for e in entries.values()),
+        "bytes_per_checkpoint": trajectory.total_bytes(),
+        "dtypes": sorted({str(e.dtype).removeprefix("torch.") for e in entries.values()}),
+        "weight_files": list(trajectory.latest.files),
+        "per_step": [
+            {
+                "step": step,
+                "global_norm": math.sqrt(float(diag[:, t].sum())),
+                "local_norm": math.sqrt(local[t]) if local[t] is not None else None,
+                "unchanged_16bit_fraction": (float(stats.unchanged[t]) / low) if (t and low) else None,
+                "global_rank1_energy": (float(rank1.top[t] / rank1.total[t]) if float(rank1.total[t]) > 0 else None) if rank1 else None,
+            }
+            for t, step in enumerate(trajectory.step_numbers)
+        ],
+        "trajectory_explained_variance": float((explained * energy).sum()) / total if total > 0 else 1.0,
+        "rank1_tensors": rank1.tensors if rank1 else 0,
+        "rank1_skipped_over_budget": rank1.skipped if rank1 else 0,
+        "warning": resolution_warning(trajectory, stats),
+    }

@@ -1,0 +1,187 @@
+"""Pure math of full-parameter (dense) trajectories: temporal Grams, trends, top triplets.
+
+A full-parameter trajectory holds, per tensor, the weights ``W_1 .. W_K`` at the saved steps.
+Global deltas are ``g_t = W_t - W_ref`` (``W_ref``: the base model, or the earliest
+checkpoint). Everything the RELEX-style predictors need is the ``K x K`` temporal Gram
+``G_ij = <g_i, g_j>`` of each tensor: it is additive over slices of the flattened tensor, so
+it is accumulated slab by slab (memory bounded by the slab, not the tensor or ``K``), and the
+prediction ``W_last + sum_i w_i g_i`` is elementwise, so it is written slab by slab too.
+
+Determinism (one process or many, any slab placement): Grams are accumulated in float64 by
+single-threaded GEMMs over the same slabs in the same order, and every fit runs on the same
+batch of Grams; the write is elementwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nextoffline.ops.predictors.trajectory import rank1_from_gram
+from nextoffline.ops.regressors import make_regressor
+
+__all__ = [
+    "Triplet",
+    "accumulate_gram",
+    "align_signs",
+    "holdout_errors",
+    "single_thread",
+    "top_triplet",
+    "trend_weights",
+]
+
+_F64 = torch.float64
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread (BLAS reductions then do not depend on the thread count)."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def accumulate_gram(gram: torch.Tensor, deltas: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    """``gram += deltas @ deltas.T`` in float64, reproducibly.
+
+    Args:
+        gram: ``(K, K)`` float64 accumulator.
+        deltas: ``(K, s)`` slab of flattened global deltas (any float dtype; widened to float64).
+        scratch: optional float64 ``(K, s)`` buffer for the widened copy (avoids an allocation).
+    """
+    if deltas.dtype == _F64:
+        wide = deltas
+    elif scratch is not None:
+        wide = scratch.copy_(deltas)
+    else:
+        wide = deltas.to(_F64)
+    if wide.device.type == "cpu":
+        with single_thread():
+            gram.add_(wide @ wide.T)
+    else:
+        gram.add_(wide @ wide.T)
+
+
+# --------------------------------------------------------------------------- trends over steps
+
+
+def trend_weights(
+    gram: torch.Tensor,
+    steps: Sequence[float],
+    observed: Sequence[int],
+    *,
+    regressor: str,
+    window: int | None,
+    target_step: float,
+) -> torch.Tensor:
+    """Weights ``w`` (``(N, K)`` float64) with ``sum_i w_i g_i`` the predicted update from the last
+    observed step to ``target_step`` (RELEX: top trajectory direction, trend of its coefficient).
+
+    Args:
+        gram: ``(N, K, K)`` float64 temporal Grams of the global deltas over all ``K`` steps.
+        steps: training step of each of the ``K`` indices.
+        observed: indices the fit may use (a prefix in backtests, all otherwise), increasing.
+        regressor: a name from :mod:`nextoffline.ops.regressors` (linear, power, poly, gp).
+        window: use only the last ``window`` observed indices (``None`` = all).
+        target_step: step to predict.
+    """
+    index = list(observed) if window is None else list(observed)[-window:]
+    sub = gram[:, index][:, :, index]
+    rank1 = rank1_from_gram(sub)
+    x = torch.tensor([float(steps[i]) for i in index], dtype=_F64).unsqueeze(0).expand(gram.shape[0], -1)
+    trend = make_regressor(regressor).fit(x, rank1.coefficients)
+    gain = trend.predict(torch.tensor(float(target_step))) - trend.predict(torch.tensor(float(steps[index[-1]])))
+    weights = torch.zeros(gram.shape[0], gram.shape[-1], dtype=_F64)
+    weights[:, index] = gain.unsqueeze(-1) * rank1.weights
+    return weights
+
+
+def holdout_errors(gram: torch.Tensor, weights: torch.Tensor, last: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared errors ``|D - (g_t - g_p)|^2`` of predictions ``D = sum_i w_i g_i`` and of stopping
+    ``|g_t - g_p|^2``, per tensor, as quadratic forms of the Gram (``p`` = ``last``, ``t`` = ``target``)."""
+    coef = weights.clone()
+    coef[:, target] -= 1
+    coef[:, last] += 1
+    err = torch.einsum("ni,nij,nj->n", coef, gram, coef).clamp_min(0)
+    base = (gram[:, target, target] - 2 * gram[:, target, last] + gram[:, last, last]).clamp_min(0)
+    return err, base
+
+
+# ------------------------------------------------------------------------- top singular triplet
+
+
+@dataclass
+class Triplet:
+    """Top singular triplet per matrix: ``sigma`` ``(N,)``, ``u`` ``(N, m)``, ``v`` ``(N, n)``."""
+
+    sigma: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    iterations: int
+
+
+def top_triplet(
+    x: torch.Tensor,
+    *,
+    init: torch.Tensor | None = None,
+    block: int = 4,
+    tol: float = 1e-6,
+    max_iters: int = 300,
+    seed: int = 0,
+) -> Triplet:
+    """Top singular triplet of each matrix of ``x`` (``(N, m, n)``) by batched subspace iteration.
+
+    A block of ``block`` vectors (the extra ones speed up convergence when the top two singular
+    values are close) is iterated ``V <- orth(X^T orth(X V))`` until the top singular value
+    estimate changes by less than ``tol`` (relative); a Rayleigh-Ritz step on the block then
+    gives the triplet. ``init`` (``(N, n)``, e.g. the previous checkpoint's ``v``) warm-starts
+    the first vector; the others come from a seeded generator, so results are reproducible.
+    """
+    n_mat, m, n = x.shape
+    q = max(1, min(block, m, n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(n_mat, n, q, generator=gen, dtype=x.dtype).to(x.device)
+    if init is not None:
+        v[:, :, 0] = init.to(v)
+    v, _ = torch.linalg.qr(v)
+    previous = torch.full((n_mat,), -1.0, dtype=x.dtype, device=x.device)
+    iters = 0
+    for iters in range(1, max_iters + 1):  # noqa: B007 - the count is reported
+        u, _ = torch.linalg.qr(x @ v)
+        v, r = torch.linalg.qr(x.mT @ u)
+        sigma = torch.linalg.svdvals(r)[:, 0]
+        if bool(((sigma - previous).abs() <= tol * sigma.clamp_min(torch.finfo(x.dtype).tiny)).all()):
+            break
+        previous = sigma
+    left, s, right_h = torch.linalg.svd(r.mT)  # U^T X V = R^T = P S Q^T
+    top_u = (u @ left[:, :, :1]).squeeze(-1)
+    top_v = (v @ right_h.mT[:, :, :1]).squeeze(-1)
+    return Triplet(sigma=s[:, 0], u=top_u, v=top_v, iterations=iters)
+
+
+def align_signs(triplet: Triplet, reference_u: torch.Tensor | None = None) -> Triplet:
+    """Flip ``(u, v)`` pairs so ``<u, reference_u> >= 0`` (e.g. the previous checkpoint's ``u``),
+    or, without a reference, so the largest-magnitude entry of ``u`` is positive."""
+    if reference_u is not None:
+        score = (triplet.u * reference_u.to(triplet.u)).sum(-1)
+    else:
+        score = triplet.u.gather(-1, triplet.u.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    sign = torch.where(score < 0, -1.0, 1.0).to(triplet.u).unsqueeze(-1)
+    return Triplet(sigma=triplet.sigma, u=triplet.u * sign, v=triplet.v * sign, iterations=triplet.iterations)
+
+
+def safe_ratio(num: float, den: float) -> float:
+    """``sqrt(num / den)`` with the conventions of backtest errors (0/0 = 1, x/0 = inf)."""
+    if den > 0:
+        return math.sqrt(max(num, 0.0) / den)
+    return 1.0 if num == 0 else math.inf
