@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from nextoffline.artifacts import ADAPTER_CONFIG_NAME
 from nextoffline.errors import AdapterFileError, FormatDetectionError, IncompatibleCheckpointsError, NotEnoughCheckpointsError
-from nextoffline.formats.base import ADAPTER_CONFIG_NAME, parse_step_dir
+from nextoffline.formats.base import parse_step_dir
 from nextoffline.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [

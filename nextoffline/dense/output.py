@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nextoffline import __version__
+from nextoffline.artifacts import MANIFEST_NAME, RESUME_DIR
 from nextoffline.dense.dist import Group, init_from_env
 from nextoffline.dense.layout import DenseCheckpoint, DenseTrajectory
 from nextoffline.dense.pipeline import (
@@ -31,12 +32,10 @@ from nextoffline.dense.pipeline import (
 from nextoffline.errors import OutputError
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, copy_file, write_json
 
-__all__ = ["MANIFEST_NAME", "TRAINER_STATE_FILES", "DenseRequest", "run_dense_extrapolate"]
+__all__ = ["TRAINER_STATE_FILES", "DenseRequest", "run_dense_extrapolate"]
 
 LOG = logging.getLogger(__name__)
 
-MANIFEST_NAME = "nextoffline.json"
-RESUME_DIR = "resume"
 #: Files of an HF Trainer checkpoint that are training state, not part of the model folder.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
 
