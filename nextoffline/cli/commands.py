@@ -153,8 +153,8 @@ def extrapolate_cmd(
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
     if wants_dense(src, full_args):  # full-parameter hook
-        if eval_cmd or keep_all or rank_policy != "keep":
-            raise UsageError("--eval-cmd, --keep-all and --rank-policy are LoRA-only; drop them for a full-parameter run")
+        if eval_cmd or keep_all or rank_policy != "keep" or max_step is not None:
+            raise UsageError("--eval-cmd, --keep-all, --rank-policy and --max-step are LoRA-only; drop them for a full-parameter run")
         return dense_extrapolate_cmd(
             src,
             full_args,
