@@ -11,6 +11,10 @@ original (checked once with ``make_verl_oldtorch_fixture.py check``, see fixture
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -18,13 +22,13 @@ import pytest
 import torch
 import torch.distributed.tensor  # registers DTensor for torch.load(weights_only=True)
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nextoffline.cli import main
 from nextoffline.formats.lora_keys import peft_key
 from nextoffline.formats.verl import VerlFormat, load_lora_state
 from nextoffline.io.torch_zip import SubclassRef, TensorRef, read_structure, state_of
-from tests.conftest import FIXTURES, tree_hashes
+from tests.conftest import FIXTURES, REPO, tree_hashes
 
 ROOT = FIXTURES / "verl_torch27_lora_tiny"
 WORLD = 2
@@ -117,3 +121,29 @@ def assert_only_lora_records_changed(src: Path, dst: Path) -> None:
                 assert archive.read(info.filename) == original.read(info.filename), info.filename
         assert any(archive.read(n) != original.read(n) for n in original.namelist() if n.split("/data/")[-1] in lora_storages)
     assert src.stat().st_size == dst.stat().st_size
+
+
+OLD_TORCH_PYTHON = os.environ.get("NEXTOFFLINE_OLD_TORCH_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OLD_TORCH_PYTHON, reason="set NEXTOFFLINE_OLD_TORCH_PYTHON to a python with torch 2.6-2.8 (fixtures/README.md)")
+def test_old_torch_fsdp1_resume_loads_the_extrapolation(tmp_path: Path) -> None:
+    """verl's FSDP1 resume (torch.load + load_state_dict under SHARDED_STATE_DICT) run by the torch that wrote the files."""
+    latest = VerlFormat().list_steps(ROOT)[-1]
+    old = load_lora_state(shard(8, 0))
+    new = {k: v * 1.5 + 0.01 for k, v in old.items()}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file(new, str(adapter / "adapter_model.safetensors"))
+    shutil.copy(latest.adapter_dir / "adapter_config.json", adapter)
+    out = tmp_path / "resume"
+    out.mkdir()
+    VerlFormat().write_resumable(latest, adapter, out)
+    script = FIXTURES / "make_verl_oldtorch_fixture.py"
+    for actor, name in ((out / "global_step_8" / "actor", "resumed"), (ROOT / "global_step_8" / "actor", "original")):
+        expected = tmp_path / f"{name}.safetensors"
+        save_file(new, str(expected))
+        subprocess.run([OLD_TORCH_PYTHON, str(script), "check", str(actor), str(expected)], check=True, timeout=600, cwd=REPO)
+        result = json.loads(expected.with_suffix(".json").read_text())
+        assert result["ok"] is (name == "resumed") and result["keys"] == 28 and result["torch"][:4] in ("2.6.", "2.7.", "2.8."), result
