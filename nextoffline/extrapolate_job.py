@@ -22,6 +22,7 @@ from typing import Any
 from nextoffline.artifacts import CANDIDATES_DIR, EVAL_LOG_DIR, write_manifest
 from nextoffline.errors import UsageError
 from nextoffline.evaluation import EvalResult, EvalSpec, best_index, score_candidates
+from nextoffline.forecasting import ForecastOptions
 from nextoffline.io.writer import check_output_location
 from nextoffline.output import build_manifest, candidate_labels, candidate_record, output_sources, save_extrapolation, source_record
 from nextoffline.pipeline import Extrapolation, RunSettings, extrapolate
@@ -47,6 +48,7 @@ class ExtrapolateRequest:
         overwrite: replace a non-empty ``out_dir``.
         evaluation: score the candidates with a user command and keep the best.
         command: the command line, for provenance.
+        forecast: how ``auto`` validates its choice (rolling origins, time axes, damping, NExt budget).
     """
 
     out_dir: Path
@@ -59,6 +61,7 @@ class ExtrapolateRequest:
     overwrite: bool = False
     evaluation: EvalSpec | None = None
     command: str = ""
+    forecast: ForecastOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def run_extrapolate(trajectory: Trajectory, settings: RunSettings, request: Extr
         to_steps=to_steps,
         rank_policy=request.rank_policy,
         holdout=request.holdout,
+        forecast=request.forecast,
     )
     labels = candidate_labels(result)
     if spec is None:

@@ -139,6 +139,7 @@ def extrapolation_record(extrapolation: Extrapolation) -> dict[str, Any]:
         "horizon_steps": extrapolation.horizon_steps,
         "rank_policy": extrapolation.rank_policy,
         "backtest": extrapolation.backtest.to_json() if extrapolation.backtest else None,
+        "forecast": extrapolation.forecast,
         "note": extrapolation.note,
     }
 

@@ -17,19 +17,25 @@ import torch
 from tqdm.auto import tqdm
 
 from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
+from nextoffline.forecasting import ForecastOptions, PairScores, TargetForecast, available_axes, next_fit_groups, plan_targets, score_pairs
 from nextoffline.loader import DEFAULT_CHUNK_BYTES, ChunkPlan, iter_chunks, open_readers, plan_chunks
 from nextoffline.ops.chunk import FactorChunk, rank1_features
 from nextoffline.ops.decompose import frobenius_sq
+from nextoffline.ops.forecast import TimeAxis
 from nextoffline.ops.predictors import (
+    DENOISERS,
     NextOptions,
     Predictor,
     PredictorOptions,
     auto_candidates,
     gram_cache_bytes,
     make_predictor,
+    parse_predictor_name,
     shared_trajectory_gram,
     trajectory_energy,
 )
+from nextoffline.ops.predictors.next import projected_fit_seconds
+from nextoffline.ops.predictors.wrappers import DampedPredictor
 from nextoffline.ops.refactor import refactor_grow_rank, refactor_keep_rank
 from nextoffline.types import Trajectory
 
@@ -37,6 +43,7 @@ __all__ = [
     "BacktestResult",
     "Candidate",
     "Extrapolation",
+    "ForecastOptions",
     "NextOptions",
     "PredictorOptions",
     "RunSettings",
@@ -113,9 +120,12 @@ def stream_chunks(
             bar.update(1)
 
 
-def make_predictors(methods: Iterable[str], settings: RunSettings, horizon: int) -> dict[str, Predictor]:
-    """A fresh predictor per method name, with the settings' options."""
-    return {m: make_predictor(m, horizon=horizon, next_options=settings.predictors.next) for m in methods}
+def make_predictors(
+    methods: Iterable[str], settings: RunSettings, horizon: int, *, axes: dict[str, TimeAxis] | None = None
+) -> dict[str, Predictor]:
+    """A fresh predictor per method name, with the settings' options (``axes``: the run's time axes
+    for ``NAME:AXIS`` methods)."""
+    return {m: make_predictor(m, horizon=horizon, next_options=settings.predictors.next, axes=axes) for m in methods}
 
 
 def observe(predictors: dict[str, Predictor], name: str, chunk: FactorChunk, failures: dict[str, str]) -> bool:
@@ -192,7 +202,12 @@ def _ratio(top: torch.Tensor, total: torch.Tensor) -> float:
 
 @dataclass
 class BacktestResult:
-    """Future-update error per predictor: ``|dW_pred - dW_true| / |dW_true - dW_last_observed|``."""
+    """Future-update error per predictor: ``|dW_pred - dW_true| / |dW_true - dW_last_observed|``.
+
+    ``errors``/``per_step`` score one fit on all but the last ``holdout`` checkpoints against
+    them; ``targets`` score rolling origins at each requested target's lead, with damping and
+    an error band (see :mod:`nextoffline.forecasting`).
+    """
 
     holdout: int
     observed_steps: list[int]
@@ -200,13 +215,31 @@ class BacktestResult:
     errors: dict[str, float]
     per_step: dict[str, list[float]]
     failures: dict[str, str]
+    targets: list[TargetForecast] = field(default_factory=list)
+    time_axes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def best(self, max_error: float = AUTO_MAX_ERROR) -> tuple[str | None, float]:
-        """The predictor with the lowest error, or ``(None, 1.0)`` when none clearly beats stopping."""
-        if not self.errors:
+        """The predictor with the lowest error, or ``(None, 1.0)`` when none clearly beats stopping
+        (checkpoint averages are baselines and never selected).
+
+        With targets: the lowest mean damped rolling-origin error over the targets; else the
+        lowest holdout error.
+        """
+        means = self.target_means()
+        pool = {n: e for n, e in (means if means else self.errors).items() if parse_predictor_name(n)[0] not in DENOISERS}
+        if not pool:
             return None, 1.0
-        name = min(self.errors, key=self.errors.__getitem__)
-        return (name, self.errors[name]) if self.errors[name] < max_error else (None, 1.0)
+        name = min(pool, key=pool.__getitem__)
+        return (name, pool[name]) if pool[name] < max_error else (None, 1.0)
+
+    def target_means(self) -> dict[str, float]:
+        """Mean damped error over the targets that have a lead, for candidates scored at all of them."""
+        scored = [t for t in self.targets if t.lead > 0]
+        if not scored:
+            return {}
+        names = set.intersection(*(set(t.scores) for t in scored))
+        return {name: sum(t.scores[name].damped_error for t in scored) / len(scored) for name in sorted(names)}
 
     def to_json(self) -> dict[str, Any]:
         name, error = self.best()
@@ -217,70 +250,34 @@ class BacktestResult:
             "errors": self.errors,
             "per_step_errors": self.per_step,
             "failures": self.failures,
+            "targets": [t.to_json() for t in self.targets],
+            "time_axes": self.time_axes,
+            "notes": self.notes,
             "best": name,
             "best_error": error,
         }
-
-
-class _HoldoutErrors:
-    """``|D - (dW_t - dW_p)|_F^2`` of predicted updates ``D`` for the held-out steps ``t`` of one
-    chunk (``p`` = the last observed step), summed over its modules; ``base`` holds
-    ``|dW_t - dW_p|_F^2`` (the error of stopping at ``p``).
-
-    An update that is a weighted sum of the chunk's step updates (RELEX-style predictors) is
-    scored with the trajectory Gram ``<dW_i, dW_j>`` of the whole chunk (shared with the predictors):
-    a quadratic form, no pass over the factors. Others are scored through the Grams of the
-    stacked difference.
-    """
-
-    def __init__(self, chunk: FactorChunk, prefix: list[int], trajectory_gram: torch.Tensor | None = None) -> None:
-        self.chunk, self.last = chunk, prefix[-1]
-        self.held_out = list(range(prefix[-1] + 1, chunk.num_steps))
-        self._truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        #: ``(N, K, K)`` float64 ``<dW_i, dW_j>`` over every step of the chunk, when computed
-        self.trajectory_gram = trajectory_gram
-
-    @property
-    def base(self) -> torch.Tensor:
-        return torch.stack([frobenius_sq(*self._true_delta(t)).sum().cpu() for t in self.held_out])
-
-    def of(self, predictor: Predictor, observed: FactorChunk) -> torch.Tensor:
-        """Per held-out step, the squared error of ``predictor`` (which observed ``observed``)."""
-        out = torch.zeros(len(self.held_out), dtype=torch.float64)
-        for j, t in enumerate(self.held_out):
-            update = predictor.predict_update(observed, float(self.chunk.steps[t]))
-            combination = update.step_combination()
-            if combination is not None and self.trajectory_gram is not None:
-                out[j] = self._quadratic(combination, t).sum().cpu()
-            else:
-                true_left, true_right = self._true_delta(t)
-                left = torch.cat([update.left, -true_left], dim=-1)
-                right = torch.cat([update.right, true_right], dim=-2)
-                out[j] = frobenius_sq(left, right).sum().cpu()
-        return out
-
-    def _true_delta(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if t not in self._truth:
-            self._truth[t] = self.chunk.delta(t, self.last)
-        return self._truth[t]
-
-    def _quadratic(self, combination: tuple[tuple[int, ...], torch.Tensor], t: int) -> torch.Tensor:
-        gram = self.trajectory_gram
-        assert gram is not None
-        steps, weights = combination
-        coef = torch.zeros(weights.shape[0], self.chunk.num_steps, dtype=torch.float64, device=gram.device)
-        coef[:, list(steps)] = weights.to(coef)
-        coef[:, t] -= 1
-        coef[:, self.last] += 1
-        return torch.einsum("ni,nij,nj->n", coef, gram, coef).clamp_min(0)
 
 
 #: Shared float64 trajectory Grams are kept up to the chunk budget, and at least this much.
 GRAM_CACHE_MIN_BYTES = 256 * 2**20
 
 
-def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, *, holdout: int = 2) -> BacktestResult:
-    """Fit every method on a prefix and score its predictions of the held-out tail.
+def backtest(
+    trajectory: Trajectory,
+    methods: Sequence[str],
+    settings: RunSettings,
+    *,
+    holdout: int = 2,
+    targets: Sequence[float] = (),
+    forecast: ForecastOptions | None = None,
+    budget_next: bool = False,
+) -> BacktestResult:
+    """Fit every method on prefixes and score its predictions of later checkpoints.
+
+    Always: one fit on all but the last ``holdout`` checkpoints, scored on them. For each step
+    in ``targets``: rolling origins at that target's lead (``forecast`` says how many, and
+    whether damping is chosen). With ``budget_next``, NExt is skipped (with the reason in
+    ``notes``) when its projected training time exceeds ``forecast.next_budget_s``.
 
     Raises:
         NotEnoughCheckpointsError: fewer than 3 checkpoints would remain to fit on.
@@ -291,50 +288,112 @@ def backtest(trajectory: Trajectory, methods: Sequence[str], settings: RunSettin
             f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
             "at least 3 are needed: lower --holdout, or (extrapolate) pick a predictor with --method to skip the backtest"
         )
-    prefix = list(range(k - holdout))
-    predictors = make_predictors(methods, settings, settings.horizon_for(len(prefix)))
-    failures: dict[str, str] = {}
-    err = {name: torch.zeros(holdout, dtype=torch.float64) for name in predictors}
-    base = torch.zeros(holdout, dtype=torch.float64)
-    # pass 1: every predictor observes the prefix; per-chunk predictors are scored right away
-    for _plan, chunk in stream_chunks(trajectory, settings, "backtest"):
-        gram = None
-        if any(p.fits_per_chunk for p in predictors.values()) and gram_cache_bytes(chunk) <= max(
-            settings.chunk_bytes, GRAM_CACHE_MIN_BYTES
-        ):
-            gram = shared_trajectory_gram(chunk)  # one computation serves every window and the scores
-        holdout_errors = _HoldoutErrors(chunk, prefix, gram)
-        base += holdout_errors.base
-        observed = chunk.select_steps(prefix)
-        for name in list(predictors):
-            if not observe(predictors, name, observed, failures):
-                continue
-            if predictors[name].fits_per_chunk:
-                err[name] += holdout_errors.of(predictors[name], observed)
-    group_level = {name: p for name, p in predictors.items() if not p.fits_per_chunk}
-    fit_all(group_level, settings)
-    if group_level:  # pass 2: predictors fitted on every chunk at once
-        for _plan, chunk in stream_chunks(trajectory, settings, "backtest"):
-            holdout_errors = _HoldoutErrors(chunk, prefix)
-            observed = chunk.select_steps(prefix)
-            for name, predictor in group_level.items():
-                err[name] += holdout_errors.of(predictor, observed)
-    err = {name: e for name, e in err.items() if name in predictors}
-    errors = {name: _safe_sqrt_ratio(e.sum(), base.sum()) for name, e in err.items()}
-    per_step = {name: [_safe_sqrt_ratio(e[j], base[j]) for j in range(holdout)] for name, e in err.items()}
+    options = forecast or ForecastOptions()
+    axes, missing = available_axes(trajectory, options)
     steps = trajectory.step_numbers
-    return BacktestResult(holdout, steps[: k - holdout], steps[k - holdout :], errors, per_step, failures)
+    notes = [f"time axis {axis} not available: {why}" for axis, why in missing.items() if axis in options.time_axes]
+    methods = [m for m in dict.fromkeys(methods) if parse_predictor_name(m)[2] in axes]
+    plans = plan_targets(steps, targets, options)
+    pairs: dict[int, set[int]] = {k - holdout - 1: set(range(k - holdout, k))}
+    for plan in plans:
+        for o in plan.origins:
+            pairs.setdefault(o, set()).add(o + plan.scored_lead)
+        if plan.lead > plan.scored_lead:
+            notes.append(
+                f"target step {plan.target_step:g} is {plan.lead} checkpoints ahead; the run allows scoring {plan.scored_lead} "
+                "(from its earliest origin)"
+            )
+    # trained predictors (NExt) are costly per fit: scored at the latest origin of each lead only
+    trained = [m for m in methods if parse_predictor_name(m)[0] == "next"]
+    trained_pairs: dict[int, set[int]] = {k - holdout - 1: set(range(k - holdout, k))}
+    for plan in plans:
+        if plan.origins:
+            trained_pairs.setdefault(plan.origins[-1], set()).add(plan.origins[-1] + plan.scored_lead)
+    if budget_next and trained:
+        methods, note = _within_next_budget(trajectory, methods, settings, options, sorted(trained_pairs))
+        notes += [note] if note else []
+        trained = [m for m in trained if m in methods]
+    scores = None
+    for group, group_pairs in (([m for m in methods if m not in trained], pairs), (trained, trained_pairs)):
+        if not group:
+            continue
+        part = score_pairs(
+            trajectory,
+            group,
+            group_pairs,
+            chunks=lambda desc: (chunk for _plan, chunk in stream_chunks(trajectory, settings, desc)),
+            trajectory_gram=lambda chunk, needed: _trajectory_gram(chunk, settings) if needed else None,
+            horizon=settings.predictors.horizon,
+            next_options=settings.predictors.next,
+            axes=axes,
+            progress=lambda items, desc: tqdm(items, desc=desc, unit="group", disable=not settings.progress, leave=False),
+        )
+        scores = part if scores is None else scores.merged(part)
+    if scores is None:
+        scores = PairScores({}, {})
+    legacy = [(k - holdout - 1, t) for t in range(k - holdout, k)]
+    errors, per_step = {}, {}
+    for name in methods:
+        have = scores.sums.get(name, {})
+        if name in scores.failures and not all(p in have for p in legacy):
+            continue
+        pair_sums = [have[p] for p in legacy]
+        errors[name] = _ratio_of(sum(p.error for p in pair_sums), sum(p.tt for p in pair_sums))
+        per_step[name] = [_ratio_of(p.error, p.tt) for p in pair_sums]
+    for plan in plans:
+        pairs_at = [(o, o + plan.scored_lead) for o in plan.origins]
+        for name in methods:
+            score = scores.score(name, pairs_at[-1:] if name in trained else pairs_at, damping=options.damping)
+            if score is not None and plan.lead > 0:
+                plan.scores[name] = score
+    failures = {name: why for name, why in scores.failures.items() if name not in errors}
+    axis_names = {kind: axis.describe() for kind, axis in axes.items()}
+    return BacktestResult(holdout, steps[: k - holdout], steps[k - holdout :], errors, per_step, failures, plans, axis_names, notes)
 
 
-def _safe_sqrt_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    return math.sqrt(max(float(num), 0.0) / float(den)) if float(den) > 0 else (1.0 if float(num) == 0 else math.inf)
+def _trajectory_gram(chunk: FactorChunk, settings: RunSettings) -> torch.Tensor | None:
+    """The chunk's float64 trajectory Gram (one computation serves every window and score), or
+    ``None`` when its memo would exceed the budget."""
+    if gram_cache_bytes(chunk) > max(settings.chunk_bytes, GRAM_CACHE_MIN_BYTES):
+        return None
+    return shared_trajectory_gram(chunk)
+
+
+def _within_next_budget(
+    trajectory: Trajectory, methods: list[str], settings: RunSettings, options: ForecastOptions, origins: list[int]
+) -> tuple[list[str], str]:
+    """Drop NExt (with the reason) when its projected training time exceeds the budget."""
+    epochs, hidden = settings.predictors.next.epochs, settings.predictors.next.hidden
+    k = len(trajectory.steps)
+    fits = [o + 1 for o in origins] + [k]  # every backtest origin and the final fit
+    seconds = sum(
+        projected_fit_seconds(next_fit_groups(trajectory, n, settings.horizon_for(n)), epochs=epochs, hidden=hidden, device=settings.device)
+        for n in fits
+    )
+    if seconds <= options.next_budget_s:
+        return methods, ""
+    note = (
+        f"auto skipped next: its {len(fits)} fits ({epochs} epochs each) are projected to take ~{_duration(seconds)} on "
+        f"{settings.device}, over the {options.next_budget_s:g} s budget (--next-budget); --method next runs the reference fit"
+    )
+    LOG.warning(note)
+    return [m for m in methods if m != "next"], note
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else (f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s")
+
+
+def _ratio_of(num: float, den: float) -> float:
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else (1.0 if num <= 0 else math.inf)
 
 
 def fit_predictors(
     trajectory: Trajectory, methods: Sequence[str], settings: RunSettings, step_index: list[int], horizon: int
 ) -> tuple[dict[str, Predictor], dict[str, str]]:
     """Pass 1: stream the observed steps through every predictor, then fit them."""
-    predictors = make_predictors(methods, settings, horizon)
+    axes, _missing = available_axes(trajectory, ForecastOptions())
+    predictors = make_predictors(methods, settings, horizon, axes=axes)
     failures: dict[str, str] = {}
     for _plan, chunk in stream_chunks(trajectory, settings, "decompose"):
         observed = chunk.select_steps(step_index)
@@ -373,6 +432,8 @@ class Extrapolation:
     candidates: list[Candidate]
     backtest: BacktestResult | None
     note: str = ""
+    #: per target (``auto``): lead, damping, backtest errors and band of the selected predictor
+    forecast: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Target(NamedTuple):
@@ -413,16 +474,28 @@ def extrapolate(
     to_steps: Sequence[float] = (),
     rank_policy: str = "keep",
     holdout: int = 2,
+    forecast: ForecastOptions | None = None,
 ) -> Extrapolation:
-    """Fit a predictor (``auto`` = best backtest) and build one adapter per target, in memory."""
+    """Fit a predictor and build one adapter per target, in memory.
+
+    ``auto`` backtests every candidate with rolling origins at each target's lead, keeps the one
+    with the lowest mean damped error (none, and the latest weights, when it does not beat
+    stopping by :data:`AUTO_MAX_ERROR`) and damps each target by the factor chosen on those
+    backtests (``0``: that target keeps the latest weights exactly).
+    """
     if rank_policy not in ("keep", "grow"):
         raise UsageError(f"--rank-policy {rank_policy!r}: use keep or grow")
     k = len(trajectory.steps)
     horizon = settings.horizon_for(k)
     targets = resolve_targets(trajectory, horizon=horizon, coefs=coefs, to_steps=to_steps)
-    report, note = None, ""
+    options = forecast or ForecastOptions()
+    report, note, plan = None, "", []
+    dampings = {t.step: 1.0 for t in targets}
     if method == "auto":
-        report = backtest(trajectory, auto_candidates(k - holdout), settings, holdout=holdout)
+        candidates = auto_candidates(k - holdout, axes=options.time_axes)
+        report = backtest(
+            trajectory, candidates, settings, holdout=holdout, targets=[t.step for t in targets], forecast=options, budget_next=True
+        )
         best, error = report.best()
         if best is None:
             note = (
@@ -432,17 +505,61 @@ def extrapolate(
             LOG.warning(note)
             return _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings)
         method = best
-        note = f"auto selected {best} (backtest error {error:.3f} vs 1.0 for stopping)"
-    predictor = make_predictors([method], settings, horizon)[method]
+        dampings, plan = _dampings(report, best, targets, options)
+        note = f"auto selected {best} (mean damped backtest error {error:.3f} over the targets' leads vs 1.0 for stopping)"
+    predictor = make_predictors([method], settings, horizon, axes=available_axes(trajectory, options)[0])[method]
     if predictor.fits_per_chunk:
-        candidates = build_candidates(trajectory, predictor, targets, rank_policy, settings, observe=True)
+        candidates = build_candidates(trajectory, DampedPredictor(predictor, dampings), targets, rank_policy, settings, observe=True)
     else:
         predictors, failures = fit_predictors(trajectory, [method], settings, list(range(k)), horizon)
         if method in failures:
             raise NotEnoughCheckpointsError(failures[method])
         predictor = predictors[method]
-        candidates = build_candidates(trajectory, predictor, targets, rank_policy, settings)
-    return Extrapolation(method, predictor.settings(), horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note)
+        candidates = build_candidates(trajectory, DampedPredictor(predictor, dampings), targets, rank_policy, settings)
+    if any(a == 0.0 for a in dampings.values()):  # stopping is exact: the latest tensors themselves
+        latest = _latest_tensors(trajectory)
+        candidates = [
+            c if dampings[c.target_step] != 0.0 else Candidate(c.target_step, c.coef, dict(latest), 1.0, 1.0, 0.0, 0, c.by_step)
+            for c in candidates
+        ]
+    settings_record = predictor.settings()
+    return Extrapolation(
+        method, settings_record, horizon, horizon_steps(trajectory, horizon), rank_policy, candidates, report, note, forecast=plan
+    )
+
+
+def _dampings(
+    report: BacktestResult, best: str, targets: list[Target], options: ForecastOptions
+) -> tuple[dict[float, float], list[dict[str, Any]]]:
+    """Per target: the damping of ``best`` chosen on its rolling origins (0 where even damped it
+    does not beat stopping, or the target is the latest step), and what the backtest said."""
+    by_step = {plan.target_step: plan for plan in report.targets}
+    dampings, records = {}, []
+    for step, coef, _by_step in targets:
+        plan = by_step.get(step)
+        score = plan.scores.get(best) if plan is not None else None
+        if plan is None or plan.lead == 0 or score is None:
+            dampings[step] = 0.0 if plan is not None and plan.lead == 0 else 1.0
+            continue
+        damping = score.damping if options.damping else 1.0
+        if score.damped_error >= AUTO_MAX_ERROR:
+            damping = 0.0
+        dampings[step] = damping
+        records.append(
+            {
+                "step": step,
+                "coef": coef,
+                "lead_checkpoints": plan.lead,
+                "scored_lead_checkpoints": plan.scored_lead,
+                "origin_steps": plan.origin_steps,
+                "predictor": best,
+                "error": score.error,
+                "damped_error": score.damped_error,
+                "damping": damping,
+                "band": list(score.band),
+            }
+        )
+    return dampings, records
 
 
 def _unchanged(trajectory, targets, horizon, rank_policy, report, note, settings) -> Extrapolation:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from nextoffline.cli.forecast_options import forecast_options
 from nextoffline.cli.options import (
     Common,
     ComputeArgs,
@@ -30,6 +32,9 @@ from nextoffline.cli.options import (
     source_options,
     token_option,
 )
+
+if TYPE_CHECKING:
+    from nextoffline.forecasting import ForecastOptions
 
 __all__ = ["backtest_cmd", "demo_cmd", "extrapolate_cmd", "inspect_cmd", "push_cmd"]
 
@@ -57,8 +62,11 @@ def inspect_cmd(src: SourceArgs, compute: ComputeArgs, as_json: bool, full_args:
 @source_options
 @compute_options
 @holdout_option
-@click.option("--methods", default=None, help="Comma list of predictors (default: every auto candidate).")
+@click.option("--methods", default=None, help="Comma list of predictors, NAME[@W][:AXIS] (default: every auto candidate).")
+@click.option("--to-step", "to_step", default=None, help="Also score rolling origins at these targets' leads (comma list).")
+@click.option("--coef", default=None, help="Targets as coefficients in horizons (comma list), as extrapolate takes them.")
 @predictor_options
+@forecast_options
 @json_option
 @full_options
 @common_options
@@ -67,26 +75,38 @@ def backtest_cmd(
     compute: ComputeArgs,
     holdout: int,
     methods: str | None,
+    to_step: str | None,
+    coef: str | None,
     predictor_args: PredictorArgs,
+    forecast: ForecastOptions,
     as_json: bool,
     full_args: FullArgs,
     common: Common,
 ) -> None:
-    """Fit each predictor on a prefix and score its prediction of the held-out tail (1.0 = no better than stopping)."""
+    """Fit each predictor on prefixes and score its predictions of later checkpoints (1.0 = no better than stopping).
+
+    With --to-step/--coef: rolling origins at each target's lead, the damping each predictor
+    would get and its error band.
+    """
     from nextoffline.cli.render import render_backtest
     from nextoffline.dense.commands import dense_backtest_cmd, wants_dense
 
     if wants_dense(src, full_args):  # full-parameter hook
         return dense_backtest_cmd(src, full_args, compute, holdout, methods, as_json, common.progress)
     from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
-    from nextoffline.pipeline import backtest
+    from nextoffline.pipeline import backtest, resolve_targets
 
     trajectory = load_source(src, common)
-    names = [m.strip() for m in methods.split(",")] if methods else auto_candidates(len(trajectory.steps) - holdout)
+    k = len(trajectory.steps)
+    names = [m.strip() for m in methods.split(",")] if methods else auto_candidates(k - holdout, axes=forecast.time_axes)
     for name in names:
         parse_predictor_name(name)
+    coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
     settings = run_settings(compute, common, predictor_args)
-    result = backtest(trajectory, names, settings, holdout=holdout)
+    targets = []
+    if coefs or steps:
+        targets = [t.step for t in resolve_targets(trajectory, horizon=settings.horizon_for(k), coefs=coefs, to_steps=steps)]
+    result = backtest(trajectory, names, settings, holdout=holdout, targets=targets, forecast=forecast, budget_next=not methods)
     echo_json(result.to_json()) if as_json else click.echo(render_backtest(result))
 
 
@@ -96,7 +116,9 @@ def backtest_cmd(
 @out_option
 @click.option("--to-step", "to_step", default=None, help="Target step(s), comma list.")
 @click.option("--coef", default=None, help="Coefficient(s) in horizons, comma list (0 = latest checkpoint).")
-@click.option("--method", default="auto", show_default=True, help="auto, linear, power, poly, gp, next (NAME@W sets a window).")
+@click.option(
+    "--method", default="auto", show_default=True, help="auto or a predictor NAME[@W][:AXIS] (see README), e.g. linear@5:lr, next."
+)
 @click.option(
     "--rank-policy",
     type=click.Choice(["keep", "grow"]),
@@ -106,6 +128,7 @@ def backtest_cmd(
 )
 @holdout_option
 @predictor_options
+@forecast_options
 @click.option("--resumable", is_flag=True, help="Also write a checkpoint in the trainer's own layout under OUT/resume/.")
 @click.option("--eval-cmd", default=None, help="Score each candidate: a command with {adapter}; its last line is a number.")
 @click.option("--eval-lower-is-better", is_flag=True, help="With --eval-cmd: lower scores are better.")
@@ -128,6 +151,7 @@ def extrapolate_cmd(
     rank_policy: str,
     holdout: int,
     predictor_args: PredictorArgs,
+    forecast: ForecastOptions,
     resumable: bool,
     eval_cmd: str | None,
     eval_lower_is_better: bool,
@@ -194,6 +218,7 @@ def extrapolate_cmd(
         overwrite=overwrite,
         evaluation=evaluation,
         command=command_line(),
+        forecast=forecast,
     )
     summary = extrapolation_summary(run_extrapolate(trajectory, settings, request))
     echo_json(summary) if as_json else click.echo(render_extrapolation(summary))

@@ -40,6 +40,7 @@ def render_backtest(result: BacktestResult) -> str:
     lines = [
         f"fit on steps {result.observed_steps[0]}..{result.observed_steps[-1]}, predicting held-out steps {', '.join(map(str, result.heldout_steps))}",
         "error = |predicted - true| / |true - last observed|   (1.0 = no better than stopping; lower is better)",
+        f"time axes: {', '.join(f'{k} = {v}' for k, v in result.time_axes.items())}; NAME:AXIS fits the trend on that axis",
         "",
         f"  {'method':<12} {'error':>8}   per held-out step",
     ]
@@ -48,14 +49,46 @@ def render_backtest(result: BacktestResult) -> str:
         lines.append(f"  {name:<12} {error:>8.3f}   {per}")
     for name, why in result.failures.items():
         lines.append(f"  {name:<12} {'n/a':>8}   {why}")
+    for target in result.targets:
+        lines += _render_target(target)
+    lines += [f"note: {n}" for n in result.notes]
     best, error = result.best()
     lines.append("")
-    lines.append(f"best: {best} ({error:.3f})" if best else "best: none beats stopping at the last checkpoint")
+    what = "mean damped error over the targets" if result.target_means() else "error"
+    lines.append(f"best: {best} ({what} {error:.3f})" if best else "best: none beats stopping at the last checkpoint")
     return "\n".join(lines)
+
+
+#: Rows of the per-target table (the best ones; --json has every candidate).
+_TARGET_ROWS = 8
+
+
+def _render_target(target) -> list[str]:
+    """Rolling-origin scores at one target's lead: the lines that explain horizon, damping, band."""
+    lead = f"{target.lead} checkpoints ahead" + (f", scored at {target.scored_lead}" if target.scored_lead != target.lead else "")
+    lines = [
+        "",
+        f"target step {target.target_step:g} ({lead}; fits ending at steps {', '.join(map(str, target.origin_steps))})",
+        "  damped = last + a * (forecast - last), a in [0, 1] chosen on the other origins (0 = stop); band = per-origin range",
+        f"  {'method':<18} {'error':>7} {'damped':>7} {'a':>5}   band",
+    ]
+    ranked = sorted(target.scores.items(), key=lambda kv: kv[1].damped_error)
+    for name, score in ranked[:_TARGET_ROWS]:
+        band = f"{score.band[0]:.3f}..{score.band[1]:.3f}"
+        lines.append(f"  {name:<18} {score.error:>7.3f} {score.damped_error:>7.3f} {score.damping:>5.2f}   {band}")
+    if len(ranked) > _TARGET_ROWS:
+        lines.append(f"  ... {len(ranked) - _TARGET_ROWS} more (--json lists all)")
+    return lines
 
 
 def render_extrapolation(summary: dict[str, Any]) -> str:
     lines = [f"method: {summary['method']}" + (f"  ({summary['note']})" if summary["note"] else "")]
+    for f in summary.get("forecast") or []:
+        lines.append(
+            f"  step {f['step']:g}: {f['lead_checkpoints']} checkpoints ahead, damping a = {f['damping']:.2f}, "
+            f"backtest error {f['damped_error']:.3f} (band {f['band'][0]:.3f}..{f['band'][1]:.3f} over origins at steps "
+            f"{', '.join(map(str, f['origin_steps']))})"
+        )
     for c in summary["candidates"]:
         score = f"  score {c['score']:g}" if "score" in c else ""
         mark = "selected" if c.get("selected") else ("written" if c["written"] else "not kept")
@@ -98,6 +131,7 @@ def extrapolation_summary(outcome: ExtrapolateOutcome) -> dict[str, Any]:
         "horizon_steps": result.horizon_steps,
         "candidates": candidates,
         "backtest": result.backtest.to_json() if result.backtest else None,
+        "forecast": result.forecast,
     }
     if outcome.selected is not None:
         summary["selected"] = candidates[outcome.selected]

@@ -14,7 +14,17 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-__all__ = ["REGRESSORS", "GaussianProcessTrend", "LinearTrend", "PolyRidge", "PowerTrend", "Regressor", "make_regressor"]
+__all__ = [
+    "REGRESSORS",
+    "GaussianProcessTrend",
+    "LinearTrend",
+    "LogTrend",
+    "PolyRidge",
+    "PowerTrend",
+    "Regressor",
+    "SaturatingTrend",
+    "make_regressor",
+]
 
 _F64 = torch.float64
 
@@ -109,6 +119,70 @@ class PowerTrend(Regressor):
         return self._coef[:, 0] + self._coef[:, 1] * feat
 
 
+class _GridTrend(Regressor, ABC):
+    """``c(t) = a + b f_k(t)`` with the shape parameter ``k`` of ``f`` chosen per series from a grid
+    by least squares (all series and grid points solved as batched 2 x 2 problems)."""
+
+    GRID: ClassVar[tuple[float, ...]]
+
+    @abstractmethod
+    def _feature(self, x: torch.Tensor, k: float) -> torch.Tensor:
+        """``f_k(x)`` for ``x`` ``(N, W)`` float64 in the fitted frame."""
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> _GridTrend:
+        x, y = x.to(_F64), y.to(_F64)
+        self._origin, self._last = x[:, :1], x[:, -1:]
+        self._span = (x[:, -1:] - x[:, :1]).clamp_min(1e-12)
+        best_err = torch.full((x.shape[0],), float("inf"), dtype=_F64)
+        self._coef = torch.zeros(x.shape[0], 2, dtype=_F64)
+        self._shape = torch.full((x.shape[0],), self.GRID[0], dtype=_F64)
+        for k in self.GRID:
+            feat = self._feature(x, k)
+            design = torch.stack([torch.ones_like(feat), feat], dim=-1)
+            coef = _batched_lstsq(design, y)
+            err = ((design @ coef.unsqueeze(-1)).squeeze(-1) - y).square().sum(-1)
+            better = err < best_err * (1 - 1e-9)
+            best_err = torch.where(better, err, best_err)
+            self._coef = torch.where(better.unsqueeze(-1), coef, self._coef)
+            self._shape = torch.where(better, torch.full_like(self._shape, k), self._shape)
+        return self
+
+    def predict(self, x_new: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x_new, dtype=_F64).reshape(-1, 1).expand(self._coef.shape[0], 1)
+        feat = self._features_at(x)
+        return self._coef[:, 0] + self._coef[:, 1] * feat
+
+    def _features_at(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], dtype=_F64)
+        for k in set(self._shape.tolist()):
+            rows = self._shape == k
+            out[rows] = self._feature(x, k)[rows, 0]
+        return out
+
+
+class LogTrend(_GridTrend):
+    """``c(t) = a + b log(1 + t / tau)``: logarithmic (slowing, never flat) growth; ``tau`` from a
+    grid of multiples of the last fitted step."""
+
+    name = "log"
+    GRID: ClassVar[tuple[float, ...]] = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 4.0)
+
+    def _feature(self, x: torch.Tensor, k: float) -> torch.Tensor:
+        return torch.log1p((x / (k * self._last.abs().clamp_min(1e-12))).clamp_min(-0.999))
+
+
+class SaturatingTrend(_GridTrend):
+    """``c(t) = a + b exp(-(t - t_0) / tau)``: growth (or decay) towards a plateau ``a``; ``tau``
+    from a grid of multiples of the fitted span (large ``tau`` is nearly linear)."""
+
+    name = "sat"
+    GRID: ClassVar[tuple[float, ...]] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 8.0)
+
+    def _feature(self, x: torch.Tensor, k: float) -> torch.Tensor:
+        z = (x - self._origin) / self._span
+        return torch.exp(-z / k)
+
+
 class _SklearnPerSeries(_Normalised, ABC):
     """Fits one scikit-learn estimator per series on normalised steps."""
 
@@ -161,7 +235,9 @@ class GaussianProcessTrend(_SklearnPerSeries):
         return GaussianProcessRegressor(kernel=kernel, normalize_y=True, random_state=0)
 
 
-REGRESSORS: dict[str, type[Regressor]] = {cls.name: cls for cls in (LinearTrend, PowerTrend, PolyRidge, GaussianProcessTrend)}
+REGRESSORS: dict[str, type[Regressor]] = {
+    cls.name: cls for cls in (LinearTrend, PowerTrend, LogTrend, SaturatingTrend, PolyRidge, GaussianProcessTrend)
+}
 
 
 def make_regressor(name: str) -> Regressor:

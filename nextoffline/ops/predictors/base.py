@@ -65,6 +65,21 @@ class FactoredUpdate:
         gram_left, gram_right = self.grams()
         return (gram_left.to(torch.float64) * gram_right.to(torch.float64)).sum((-2, -1))
 
+    def scaled(self, factor: float) -> FactoredUpdate:
+        """``factor * D`` (damping toward the latest checkpoint); Grams reused when known."""
+        gram_left = self._gram_left * factor**2 if self._gram_left is not None else None
+        return FactoredUpdate(self.left * factor, self.right, gram_left, self._gram_right)
+
+    def cross_delta(self, b1: torch.Tensor, a1: torch.Tensor, b0: torch.Tensor, a0: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+        """``<D, s (B1 A1 - B0 A0)>`` per module (float64), through ``p x r`` products only."""
+        s = scaling.to(torch.float64)
+        out = torch.zeros(b1.shape[0], dtype=torch.float64, device=b1.device)
+        for b, a, sign in ((b1, a1, 1.0), (b0, a0, -1.0)):
+            cross_l = (self.left.mT @ b.to(self.left)).to(torch.float64)
+            cross_r = (self.right @ a.to(self.right).mT).to(torch.float64)
+            out += sign * s * (cross_l * cross_r).sum((-2, -1))
+        return out
+
     def step_combination(self) -> tuple[tuple[int, ...], torch.Tensor] | None:
         """``(steps, w)`` when ``D = sum_i w[:, i] dW_(steps[i])`` is a weighted sum of the updates
         at those steps of the chunk as read (then a trajectory Gram scores it), else ``None``."""

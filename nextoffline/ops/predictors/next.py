@@ -34,7 +34,7 @@ from nextoffline.errors import NotEnoughCheckpointsError
 from nextoffline.ops.chunk import FactorChunk, contiguous_index, rank1_features
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 
-__all__ = ["NextNetwork", "NextOptions", "NextPredictor"]
+__all__ = ["NextNetwork", "NextOptions", "NextPredictor", "projected_fit_seconds"]
 
 LOG = logging.getLogger(__name__)
 
@@ -251,3 +251,29 @@ class NextPredictor(Predictor):
 def _unit(x: torch.Tensor) -> torch.Tensor:
     norm = x.norm(dim=-1, keepdim=True)
     return torch.where(norm > 0, x / norm.clamp_min(1e-30), torch.zeros_like(x))
+
+
+#: Nominal training throughput used to project NExt's cost before any data is read (flop/s), and the
+#: fixed cost of one network's training step (s): measured on the 2-core AVX2 CPU of
+#: benchmarks/RESULTS.md (7.7 s per epoch of the 7B-shaped networks; ~1.5 ms per step of a tiny one)
+#: and kept constant so that the same run always makes the same choice.
+NOMINAL_FLOPS = {"cpu": 8e10, "cuda": 5e12}
+NOMINAL_STEP_S = {"cpu": 1.5e-3, "cuda": 1e-3}
+
+
+def projected_fit_seconds(
+    groups: list[tuple[int, int, int]], *, epochs: int, hidden: int = 256, device: torch.device | str = "cpu"
+) -> float:
+    """Projected training time of one NExt fit, before any data is read.
+
+    ``groups`` lists ``(d, rows, samples per row)`` of each network. One training step costs a
+    fixed :data:`NOMINAL_STEP_S` plus its flops (about ``15 d hidden`` parameters, six flops per
+    parameter and sample) at :data:`NOMINAL_FLOPS`.
+    """
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    total = 0.0
+    for dim, rows, samples in groups:
+        if rows * samples == 0:
+            continue
+        total += NOMINAL_STEP_S[kind] + 90.0 * dim * hidden * rows * samples / NOMINAL_FLOPS[kind]
+    return total * epochs

@@ -24,6 +24,8 @@ __all__ = [
     "GramCache",
     "TrajectoryRank1",
     "TrajectoryRank1Predictor",
+    "TrajectoryRankKPredictor",
+    "TrajectoryTopK",
     "WindowGrams",
     "WindowUpdate",
     "direction_component",
@@ -33,6 +35,7 @@ __all__ = [
     "shared_trajectory_gram",
     "trajectory_energy",
     "trajectory_rank1",
+    "trajectory_topk",
     "window_grams",
 ]
 
@@ -177,6 +180,34 @@ def direction_component(update: FactoredUpdate, chunk: FactorChunk, weights: tor
     return chunk.scaling.to(_F64) * (inner * weights.to(_F64)).sum(-1)
 
 
+@dataclass
+class TrajectoryTopK:
+    """Per module: the top ``k`` temporal directions of a window (``V_j = sum_i weights[:, j, i] dW_i``,
+    orthonormal) and each step's coefficient on them (``coefficients[:, j, i] = <dW_i, V_j>``)."""
+
+    weights: torch.Tensor  # (N, k, W)
+    coefficients: torch.Tensor  # (N, k, W)
+    explained: torch.Tensor  # (N,): fraction of the window's energy in the k directions
+
+
+def trajectory_topk(chunk: FactorChunk, grams: WindowGrams | None = None, k: int | None = None, rel_tol: float = 1e-10) -> TrajectoryTopK:
+    """Top ``k`` (default: all with energy above ``rel_tol`` of the top) temporal directions of
+    every module of ``chunk``: the eigenvectors of its ``W x W`` trajectory Gram."""
+    gram = (grams or window_grams(chunk)).trajectory(chunk.scaling, chunk.b.shape[-1])
+    evals, evecs = torch.linalg.eigh(gram)
+    count = gram.shape[-1] if k is None else min(k, gram.shape[-1])
+    evals, evecs = evals.flip(-1)[:, :count].clamp_min(0), evecs.flip(-1)[..., :count]  # (N, k), (N, W, k)
+    evecs = evecs * torch.where(evecs.sum(-2, keepdim=True) < 0, -1.0, 1.0).to(evecs)
+    keep = evals > rel_tol * evals[:, :1].clamp_min(1e-300)
+    root = evals.sqrt()
+    weights = torch.where(keep.unsqueeze(-2), evecs / root.clamp_min(1e-300).unsqueeze(-2), torch.zeros_like(evecs)).mT
+    coefficients = torch.where(keep.unsqueeze(-2), evecs * root.unsqueeze(-2), torch.zeros_like(evecs)).mT
+    total = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+    kept = (evals * keep).sum(-1)
+    explained = torch.where(total > 0, kept / total.clamp_min(1e-300), torch.ones_like(total)).clamp(0, 1)
+    return TrajectoryTopK(weights=weights, coefficients=coefficients, explained=explained)
+
+
 class WindowUpdate(FactoredUpdate):
     """``D = sum_i w_i s B_i A_i`` over a window whose last step is the latest checkpoint.
 
@@ -204,6 +235,10 @@ class WindowUpdate(FactoredUpdate):
         weights[:, -1] += 1
         r = a.shape[-2]
         return WindowUpdate(self.window, weights, self.window_grams), slice(weights.shape[-1] * r - r, weights.shape[-1] * r)
+
+    def scaled(self, factor: float) -> WindowUpdate:
+        """``factor * D``: the same window with scaled weights (its Grams are reused)."""
+        return WindowUpdate(self.window, self.weights * factor, self.window_grams)
 
     def step_combination(self) -> tuple[tuple[int, ...], torch.Tensor]:
         """``D = sum_i w_i dW_(steps[i])``: the window's steps (in the chunk as read) and ``w``."""
@@ -305,6 +340,47 @@ class TrajectoryRank1Predictor(Predictor):
 
     def settings(self) -> dict[str, Any]:
         return {"predictor": "trajectory-rank1", "regressor": self.regressor_name, "window": self.window}
+
+
+class TrajectoryRankKPredictor(TrajectoryRank1Predictor):
+    """Window trend over the top ``k`` temporal directions: each direction's coefficient gets its
+    own trend (directions that rotate slowly while the update grows are followed, which the
+    single top direction cannot do). ``k = None`` keeps every direction above numerical noise,
+    i.e. a trend of the whole window in its span.
+
+    Args:
+        regressor: trend of each coefficient (``linear`` by default).
+        window: most recent checkpoints used (``None`` = all).
+        k: directions kept (``None`` = all).
+    """
+
+    def __init__(self, regressor: str = "linear", window: int | None = None, k: int | None = None, label: str = "rotate") -> None:
+        super().__init__(regressor, window)
+        self.k = k
+        self.name = label if window is None else f"{label}@{window}"
+        self._topk: dict[tuple[str, ...], tuple[TrajectoryTopK, Regressor, float]] = {}
+
+    def observe(self, chunk: FactorChunk) -> None:
+        window = chunk.select_steps(self.window_steps(chunk.num_steps))
+        topk = trajectory_topk(window, window_grams(window), self.k)
+        n_mod, count, width = topk.coefficients.shape
+        steps = window.steps.to(_F64).reshape(1, 1, -1).expand(n_mod, count, width).reshape(n_mod * count, width)
+        regressor = make_regressor(self.regressor_name).fit(steps, topk.coefficients.reshape(n_mod * count, width))
+        self._topk[chunk_key(chunk)] = (topk, regressor, float(window.steps[-1]))
+
+    def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
+        topk, regressor, last_step = self._topk[chunk_key(chunk)]
+        window = chunk.select_steps(self.window_steps(chunk.num_steps))
+        gain = regressor.predict(torch.tensor(target_step)) - regressor.predict(torch.tensor(last_step))
+        n_mod, count, _width = topk.weights.shape
+        alphas = (gain.reshape(n_mod, count, 1) * topk.weights).sum(1).to(window.b)  # (N, W)
+        return WindowUpdate(window, alphas, window_grams(window))
+
+    def explained(self, chunk: FactorChunk) -> torch.Tensor:
+        return self._topk[chunk_key(chunk)][0].explained
+
+    def settings(self) -> dict[str, Any]:
+        return {"predictor": "trajectory-rank-k", "regressor": self.regressor_name, "window": self.window, "k": self.k}
 
 
 def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
