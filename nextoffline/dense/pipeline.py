@@ -43,6 +43,7 @@ from nextoffline.ops.dense import (
     trend_weights,
 )
 from nextoffline.ops.predictors import parse_predictor_name
+from nextoffline.ops.regressors import REGRESSORS
 from nextoffline.pipeline import AUTO_MAX_ERROR, BacktestResult, default_horizon, horizon_steps, resolve_targets
 
 __all__ = [
@@ -213,9 +214,13 @@ def dense_auto_candidates(num_observed: int) -> list[str]:
 
 
 def _check_method(spec: str) -> tuple[str, int | None]:
-    name, window = parse_predictor_name(spec)
-    if name == "next":
-        raise UsageError("--method next is LoRA-only (its networks read rank-1 triplets of factors); use linear, power, poly or gp")
+    name, window, axis = parse_predictor_name(spec)
+    if name not in REGRESSORS:
+        raise UsageError(
+            f"--method {spec}: {name} is LoRA-only for now; full-parameter runs take the trends {', '.join(REGRESSORS)} (NAME[@W])"
+        )
+    if axis != "step":
+        raise UsageError(f"--method {spec}: full-parameter trends run on the step axis only; drop ':{axis}'")
     return name, window
 
 
