@@ -19,6 +19,7 @@ __all__ = [
     "NumericalError",
     "OutputError",
     "SourceNotFoundError",
+    "UnhandledCheckpointError",
     "UnsupportedAdapterError",
     "UsageError",
     "WaitTimeoutError",
@@ -53,6 +54,10 @@ class UnsupportedAdapterError(NextOfflineError, ValueError):
 
 class IncompatibleCheckpointsError(NextOfflineError, ValueError):
     """Checkpoints of one trajectory disagree (keys, shapes, ranks, scalings, dtypes)."""
+
+
+class UnhandledCheckpointError(NextOfflineError, ValueError):
+    """``--resumable`` met a weight-bearing file its trainer loads on resume that it does not rewrite."""
 
 
 class NotEnoughCheckpointsError(NextOfflineError, ValueError):

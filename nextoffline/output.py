@@ -32,6 +32,7 @@ from nextoffline.artifacts import (
     write_manifest,
 )
 from nextoffline.formats import get_format
+from nextoffline.formats.base import write_resumable_checked
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, write_safetensors
 from nextoffline.pipeline import Candidate, Extrapolation
 from nextoffline.types import ResumeInfo, Trajectory
@@ -186,8 +187,23 @@ def write_adapter_folder(
     write_manifest(folder, manifest)
 
 
+def _adapter_bytes(trajectory: Trajectory) -> int:
+    """Bytes of one written adapter: its LoRA factors in their stored dtype (plus passthrough tensors).
+
+    Not the size of ``latest.weights_file``: for verl shards that file is rank 0's whole model shard.
+    """
+    lora = 0
+    for module in trajectory.modules:
+        itemsize = torch.empty((), dtype=getattr(torch, trajectory.dtypes.get(module.a_key, "float32"))).element_size()
+        lora += (module.out_features + module.in_features) * module.rank * itemsize
+    weights = trajectory.latest.weights_file
+    if trajectory.passthrough_keys or not lora:  # passthrough tensors are copied from the weight file
+        lora = max(lora, weights.stat().st_size)
+    return lora + 64 * 1024  # safetensors header, config, manifest, card
+
+
 def _required_bytes(trajectory: Trajectory, count: int, resumable: bool) -> int:
-    weights = trajectory.latest.weights_file.stat().st_size
+    weights = _adapter_bytes(trajectory)
     extra = sum(p.stat().st_size for p in trajectory.latest.checkpoint_dir.rglob("*") if p.is_file()) if resumable else 0
     return count * weights + extra
 
@@ -246,7 +262,7 @@ def finish_resumable(tmp: Path, trajectory: Trajectory) -> ResumeInfo:
     fmt = get_format(trajectory.format_name)
     target = tmp / RESUME_DIR
     target.mkdir()
-    info = fmt.write_resumable(trajectory.latest, tmp, target)
+    info = write_resumable_checked(fmt, trajectory.latest, tmp, target)  # refuses unhandled weight files
     resume = {
         "format": fmt.name,
         "checkpoint_dir": str(info.checkpoint_dir.relative_to(tmp)),

@@ -261,6 +261,20 @@ def _readonly_parent(ws: Path) -> list[str]:
     return _plain(ws)
 
 
+def _tensor_parallel_trl_run(ws: Path) -> list[str]:
+    """A transformers.Trainer run whose newest checkpoint has a DeepSpeed tag with a second tensor-parallel rank."""
+    run = make_run(ws / "in" / "run")
+    for step in STEPS:
+        folder = run / f"step_{step}"
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        folder.rename(run / f"checkpoint-{step}")
+    tag = run / f"checkpoint-{STEPS[-1]}" / f"global_step{STEPS[-1]}"
+    tag.mkdir()
+    for name in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"):
+        torch.save({"module": {}}, tag / name)
+    return source(run)
+
+
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores permission bits
 
 CASES: list[Case] = [
@@ -818,6 +832,14 @@ CASES: list[Case] = [
         ("--resumable needs one target",),
         E.UsageError,
         options=("--coef", "1,2", "--method", "linear", "--resumable"),
+    ),
+    Case(
+        "resumable-unhandled-weight-file",
+        "--resumable on a TRL checkpoint holding DeepSpeed tensor-parallel states it does not rewrite",
+        _tensor_parallel_trl_run,
+        ("mp_rank_01_model_states.pt", "tensor-parallel rank > 0", "TRL + DeepSpeed", "old LoRA", "PeftModel.from_pretrained"),
+        E.UnhandledCheckpointError,
+        options=("--coef", "1", "--method", "linear", "--resumable"),
     ),
     # --- the output folder
     Case(

@@ -16,6 +16,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 from nextoffline.artifacts import ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import FormatDetectionError
+from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.types import ResumeInfo, StepRef
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "get_format",
     "parse_step_dir",
     "register_format",
+    "write_resumable_checked",
 ]
 
 #: Prefixes of folder (and Hub branch) names that carry a training step, as trainers write
@@ -64,6 +66,13 @@ class CheckpointFormat(Protocol):
     def list_steps(self, root: Path) -> list[StepRef]:
         """Every saved step under ``root``, sorted by step. Raises on a broken layout."""
 
+    def resume_files(self, latest: StepRef) -> list[ResumeFiles]:
+        """Every weight-bearing file the trainer loads on resume from ``latest``, as this writer handles it.
+
+        :func:`write_resumable_checked` refuses before writing when the checkpoint holds a
+        weight file that is neither rewritten nor declared weightless here.
+        """
+
     def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
         """Build a native checkpoint in ``out_dir`` (an empty temporary folder).
 
@@ -89,6 +98,16 @@ def get_format(name: str) -> CheckpointFormat:
     except KeyError:
         known = ", ".join(sorted(FORMATS))
         raise FormatDetectionError(f"unknown format {name!r}; use one of: {known}") from None
+
+
+def write_resumable_checked(fmt: CheckpointFormat, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
+    """:meth:`CheckpointFormat.write_resumable` after :func:`check_resume_files` accepted the checkpoint.
+
+    Raises:
+        UnhandledCheckpointError: the checkpoint holds a weight file the writer would leave unchanged.
+    """
+    check_resume_files(fmt.resume_files(latest))
+    return fmt.write_resumable(latest, adapter_dir, out_dir)
 
 
 def describe_formats(formats: Iterable[CheckpointFormat]) -> str:

@@ -30,7 +30,9 @@ import torch
 from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import AdapterFileError, FormatDetectionError, UnsupportedAdapterError
 from nextoffline.formats.base import find_adapter_weights, register_format
+from nextoffline.formats.deepspeed_zero3 import is_zero3_tag, load_zero3_master_lora_state, write_zero3_checkpoint, zero3_files
 from nextoffline.formats.lora_keys import checked_new_weights, peft_key, rewrite_safetensors
+from nextoffline.formats.resume_files import ResumeFiles
 from nextoffline.io.reader import register_state_loader
 from nextoffline.io.torch_zip import Opaque, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.types import ResumeInfo, StepRef
@@ -47,6 +49,7 @@ RECOVERY_SCRIPT = "zero_to_fp32.py"
 _HF_DIR = re.compile(r"^global_step(\d+)_hf$")
 _DS_TAG = re.compile(r"^(?:best_)?global_step(\d+)$")
 _MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_ANY_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
 _OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
@@ -174,7 +177,9 @@ def _check_slice_mappings(tag_dir: Path, optims: list[Mapping[str, Any]], pieces
 
 
 def load_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 master LoRA tensors (PEFT names) of a DeepSpeed ZeRO-1/2 checkpoint folder."""
+    """The fp32 master LoRA tensors (PEFT names) of a DeepSpeed ZeRO-1/2/3 checkpoint folder."""
+    if is_zero3_tag(tag_dir):
+        return load_zero3_master_lora_state(tag_dir)
     states = _model_states(tag_dir / MODEL_STATES)
     files, pieces, shapes = _master_pieces(tag_dir, states)
     result = {}
@@ -206,11 +211,16 @@ def _ds_tags(actor: Path) -> dict[int, Path]:
     tags: dict[int, Path] = {}
     for child in sorted(actor.iterdir()) if actor.is_dir() else ():
         match = _DS_TAG.match(child.name)
-        if match and (child / MODEL_STATES).is_file():
+        if match and _is_tag(child):
             step = int(match[1])
             if step not in tags or not child.name.startswith("best_"):
                 tags[step] = child
     return tags
+
+
+def _is_tag(folder: Path) -> bool:
+    """A DeepSpeed tag folder of any ZeRO stage or parallel layout (model states of some rank)."""
+    return folder.is_dir() and any(_ANY_MODEL_STATES.match(p.name) for p in folder.iterdir())
 
 
 class OpenRLHFFormat:
@@ -242,9 +252,18 @@ class OpenRLHFFormat:
         """The PEFT config OpenRLHF saved next to the adapter."""
         return json.loads((ref.adapter_dir / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
 
+    def resume_files(self, latest: StepRef) -> list[ResumeFiles]:
+        """The actor's DeepSpeed tag folder: ``engine.load_checkpoint`` reads every weight file in it."""
+        tag_dir = latest.checkpoint_dir
+        if not _DS_TAG.match(tag_dir.name):  # no DeepSpeed checkpoint at all: write_resumable says so
+            return []
+        rewritten = deepspeed_rewritten_files(tag_dir)
+        stage = "ZeRO-3" if is_zero3_tag(tag_dir) else "ZeRO-1/2"
+        return [ResumeFiles(tag_dir, f"OpenRLHF DeepSpeed {stage}", rewritten, (), "DeepSpeed ZeRO-1/2/3 with tensor parallel 1")]
+
     def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
         tag_dir = latest.checkpoint_dir
-        if not (tag_dir / MODEL_STATES).is_file():
+        if not _is_tag(tag_dir):
             raise AdapterFileError(
                 f"{tag_dir}: no DeepSpeed checkpoint for step {latest.step} (OpenRLHF keeps the last --ckpt.max_num under _actor/, "
                 "none with --ckpt.disable_ds); --resumable needs _actor/global_stepN of the newest adapter step"
@@ -269,8 +288,27 @@ class OpenRLHFFormat:
         return ResumeInfo(checkpoint_dir=target, command=_resume_command(out_dir), notes=tuple(notes))
 
 
+def deepspeed_rewritten_files(tag_dir: Path) -> frozenset[Path]:
+    """The files of a DeepSpeed tag folder that :func:`write_deepspeed_checkpoint` rewrites.
+
+    ZeRO-1/2: ``mp_rank_00_model_states.pt`` and the tensor-parallel rank 0 optimizer states of
+    every data parallel rank. ZeRO-3: every rank's model states (empty LoRA placeholders, checked)
+    and optimizer states (fp32 partitions). Nothing else, e.g. ``mp_rank_01_*`` of tensor parallelism,
+    which the caller's check then refuses.
+    """
+    if is_zero3_tag(tag_dir):
+        models, optims = zero3_files(tag_dir)
+        return frozenset({*models, *optims})  # fp32 partitions rewritten; module states hold empty placeholders (checked)
+    if not (tag_dir / MODEL_STATES).is_file():
+        return frozenset()
+    optim = {p for p in tag_dir.iterdir() if (m := _OPTIM_STATES.match(p.name)) and m[3] == "00"}
+    return frozenset({tag_dir / MODEL_STATES, *optim})
+
+
 def write_deepspeed_checkpoint(tag_dir: Path, target: Path, adapter_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """Copy a DeepSpeed ZeRO-1/2 checkpoint folder with the LoRA values of a PEFT adapter put in.
+    """Copy a DeepSpeed ZeRO-1/2/3 checkpoint folder with the LoRA values of a PEFT adapter put in.
+
+    ZeRO-3 folders go to :func:`~nextoffline.formats.deepspeed_zero3.write_zero3_checkpoint`.
 
     ``tag_dir`` is one ``engine.save_checkpoint`` tag folder (``mp_rank_00_model_states.pt`` and
     ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``); ``target`` must not exist. The LoRA
@@ -281,6 +319,8 @@ def write_deepspeed_checkpoint(tag_dir: Path, target: Path, adapter_dir: Path) -
     Returns:
         The adapter's LoRA tensors (PEFT names) and the data-parallel world size of the checkpoint.
     """
+    if is_zero3_tag(tag_dir):
+        return write_zero3_checkpoint(tag_dir, target, adapter_dir)
     states = _model_states(tag_dir / MODEL_STATES)
     lora = _lora_refs(tag_dir / MODEL_STATES, states["module"])
     new = checked_new_weights(adapter_dir, {k: ref.size for k, (_s, ref) in lora.items()}, tag_dir / MODEL_STATES)

@@ -8,6 +8,7 @@ from typing import ClassVar
 from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import AdapterConfigError, IncompatibleCheckpointsError
 from nextoffline.formats.base import find_adapter_weights, parse_step_dir, register_format
+from nextoffline.formats.resume_files import ResumeFiles
 from nextoffline.io.writer import copy_file
 from nextoffline.types import ResumeInfo, StepRef
 
@@ -49,6 +50,10 @@ class PeftDirFormat:
 
     def list_steps(self, root: Path) -> list[StepRef]:
         return step_named_adapters(root)
+
+    def resume_files(self, latest: StepRef) -> list[ResumeFiles]:
+        """Only the adapter: the resume call (``PeftModel.from_pretrained``) loads nothing else, and nothing else is copied."""
+        return [ResumeFiles(latest.adapter_dir, "plain PEFT folder", frozenset({latest.weights_file}), ("*",))]
 
     def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
         target = out_dir / latest.adapter_dir.name

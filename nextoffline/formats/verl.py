@@ -29,8 +29,10 @@ import torch
 from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from nextoffline.errors import AdapterConfigError, AdapterFileError, FormatDetectionError
 from nextoffline.formats.base import register_format
-from nextoffline.formats.lora_keys import checked_new_weights, match_lora_key, peft_key, rewrite_safetensors
+from nextoffline.formats.lora_keys import checked_new_weights, is_peft_lora_key, match_lora_key, peft_key, rewrite_safetensors
+from nextoffline.formats.resume_files import ResumeFiles
 from nextoffline.io.reader import register_state_loader
+from nextoffline.io.safetensors_header import read_safetensors_header
 from nextoffline.io.torch_zip import Opaque, SubclassRef, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.types import ResumeInfo, StepRef
 
@@ -41,6 +43,16 @@ LOG = logging.getLogger(__name__)
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 LEGACY_ADAPTER_DIR = "lora_adapter"
 LORA_META_NAME = "lora_train_meta.json"
+#: Files of ``global_step_N/`` copied unchanged: no actor weights are loaded from them on resume
+#: (``huggingface/`` full weights are written with ``save_contents: hf_model`` but never loaded;
+#: the critic is not extrapolated).
+VERL_WEIGHTLESS = (
+    "data.pt",
+    "actor/optim_world_size_*_rank_*.pt",
+    "actor/extra_state_world_size_*_rank_*.pt",
+    "actor/huggingface/*",
+    "critic/*",
+)
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 _MODEL_SHARD = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 
@@ -247,6 +259,17 @@ def adapter_config_from_shards(actor_dir: Path, keys: Iterable[str]) -> dict[str
     return config
 
 
+def _check_config_fits(path: Path, config: dict[str, Any], keys: Iterable[str]) -> None:
+    """The borrowed config must adapt the modules found in the shards (else it is another run's)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        missing = sorted({_module_leaf(k) for k in keys} - set(targets))
+        if missing:
+            raise AdapterConfigError(
+                f"{path}: target_modules {targets} lack {missing} found in the FSDP shards; the config is another run's"
+            )
+
+
 # --------------------------------------------------------------------------- the format
 
 
@@ -259,10 +282,46 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(steps)
 
 
-def _legacy_adapter(actor_dir: Path) -> Path | None:
-    folder = actor_dir / LEGACY_ADAPTER_DIR
-    if (folder / ADAPTER_CONFIG_NAME).is_file() and (folder / ADAPTER_WEIGHTS_NAME).is_file():
+def _has_lora_tensors(path: Path) -> bool:
+    """True when a safetensors file holds LoRA tensors (verl <= 0.7 with PEFT >= 0.21 can save an EMPTY adapter)."""
+    try:
+        header = read_safetensors_header(path)
+    except AdapterFileError:  # an unreadable adapter is not usable; the shards are read instead
+        return False
+    return any(is_peft_lora_key(key) for key in header.tensors)
+
+
+def _peft_export(folder: Path) -> Path | None:
+    """``folder`` when it holds a PEFT adapter with LoRA tensors."""
+    if (
+        (folder / ADAPTER_CONFIG_NAME).is_file()
+        and (folder / ADAPTER_WEIGHTS_NAME).is_file()
+        and _has_lora_tensors(folder / ADAPTER_WEIGHTS_NAME)
+    ):
         return folder
+    return None
+
+
+def _legacy_adapter(actor_dir: Path) -> Path | None:
+    """verl <= 0.7's ``actor/lora_adapter/``, when present and not empty."""
+    return _peft_export(actor_dir / LEGACY_ADAPTER_DIR)
+
+
+def _megatron_adapter(actor_dir: Path) -> Path | None:
+    """The Megatron backend's PEFT export (``actor/model/huggingface/adapter/``; ``actor/huggingface/adapter/`` in some versions)."""
+    for folder in (actor_dir / "model" / "huggingface" / "adapter", actor_dir / "huggingface" / "adapter"):
+        if _peft_export(folder):
+            return folder
+    return None
+
+
+def _any_step_config(actor_dir: Path) -> Path | None:
+    """An ``adapter_config.json`` written by verl at any step (also next to an empty or missing adapter)."""
+    root = actor_dir.parent.parent
+    for _step, folder in reversed(_step_dirs(root)):
+        for candidate in (folder / "actor" / LEGACY_ADAPTER_DIR, folder / "actor" / "model" / "huggingface" / "adapter"):
+            if (candidate / ADAPTER_CONFIG_NAME).is_file():
+                return candidate / ADAPTER_CONFIG_NAME
     return None
 
 
@@ -273,18 +332,39 @@ class VerlFormat:
     description: ClassVar[str] = "global_step_N/actor/ folders with model_world_size_W_rank_R.pt (verl FSDP)"
 
     def probe(self, root: Path) -> bool:
-        return any(_legacy_adapter(d / "actor") or any(map(is_verl_model_shard, (d / "actor").iterdir())) for _s, d in _step_dirs(root))
+        return any(
+            _legacy_adapter(d / "actor")
+            or _megatron_adapter(d / "actor")
+            or (d / "actor" / "model" / "dist_ckpt").is_dir()
+            or any(map(is_verl_model_shard, (d / "actor").iterdir()))
+            for _s, d in _step_dirs(root)
+        )
 
     def list_steps(self, root: Path) -> list[StepRef]:
-        steps = [(s, d) for s, d in _step_dirs(root) if model_shards(d / "actor") or _legacy_adapter(d / "actor")]
-        if not steps:
+        usable = [
+            (s, d)
+            for s, d in _step_dirs(root)
+            if model_shards(d / "actor") or _legacy_adapter(d / "actor") or _megatron_adapter(d / "actor")
+        ]
+        if not usable:
+            megatron = [d for _s, d in _step_dirs(root) if (d / "actor" / "model" / "dist_ckpt").is_dir()]
+            if megatron:
+                raise FormatDetectionError(
+                    f"{megatron[-1] / 'actor' / 'model'}: verl Megatron checkpoint without the PEFT export huggingface/adapter/ "
+                    "(only dist_ckpt/, which nextoffline does not read); save with the LoRA adapter export or pass --adapter STEP=PATH"
+                )
             raise FormatDetectionError(f"{root}: no global_step_N/actor/ checkpoints found; point at verl's trainer.default_local_dir")
+        steps = usable
+        # one source for every step: the legacy lora_adapter/ (all present and non-empty), else the FSDP shards
+        # (verl swallows lora_adapter/ save errors, and PEFT >= 0.21 can save it empty), else the Megatron export
         legacy = all(_legacy_adapter(d / "actor") for _s, d in steps)
+        megatron = not legacy and all(_megatron_adapter(d / "actor") for _s, d in steps)
         refs = []
         for step, folder in steps:
             actor = folder / "actor"
-            if legacy:
-                adapter = actor / LEGACY_ADAPTER_DIR
+            if legacy or megatron:
+                adapter = _legacy_adapter(actor) if legacy else _megatron_adapter(actor)
+                assert adapter is not None
                 refs.append(StepRef(step=step, adapter_dir=adapter, weights_file=adapter / ADAPTER_WEIGHTS_NAME, checkpoint_dir=folder))
                 continue
             shards = model_shards(actor)
@@ -298,7 +378,25 @@ class VerlFormat:
         path = ref.adapter_dir / ADAPTER_CONFIG_NAME
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
-        return adapter_config_from_shards(ref.adapter_dir, _shard_entries(ref.weights_file, 0))
+        keys = _shard_entries(ref.weights_file, 0)
+        if not (ref.adapter_dir / LORA_META_NAME).is_file():
+            written = _any_step_config(ref.adapter_dir)  # lora_adapter/ missing or empty here: its config from any step
+            if written is not None:
+                config = json.loads(written.read_text(encoding="utf-8"))
+                _check_config_fits(written, config, keys)
+                return config
+        return adapter_config_from_shards(ref.adapter_dir, keys)
+
+    def resume_files(self, latest: StepRef) -> list[ResumeFiles]:
+        """Every rank's model shard (and ``lora_adapter/``); optimizer, extra state, data and critic hold no actor LoRA."""
+        actor = latest.checkpoint_dir / "actor"
+        rewritten = frozenset({*model_shards(actor), actor / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME})
+        layout = "verl Megatron" if (actor / "model" / "dist_ckpt").is_dir() or _megatron_adapter(actor) else "verl FSDP"
+        return [
+            ResumeFiles(
+                latest.checkpoint_dir, layout, rewritten, VERL_WEIGHTLESS, "verl FSDP/FSDP2/HSDP model_world_size_W_rank_R.pt shards"
+            )
+        ]
 
     def write_resumable(self, latest: StepRef, adapter_dir: Path, out_dir: Path) -> ResumeInfo:
         source = latest.checkpoint_dir
@@ -319,8 +417,10 @@ class VerlFormat:
         for shard, shard_entries in zip(shards, entries):
             _write_shard(shard, target / "actor" / shard.name, shard_entries, new)
         legacy = actor / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME
-        if legacy.is_file():
+        if legacy.is_file() and _has_lora_tensors(legacy):
             rewrite_safetensors(legacy, target / "actor" / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME, new)
+        elif legacy.is_file():  # verl saved it empty (PEFT >= 0.21): fill it with the extrapolated adapter
+            shutil.copyfile(adapter_dir / ADAPTER_WEIGHTS_NAME, target / "actor" / LEGACY_ADAPTER_DIR / ADAPTER_WEIGHTS_NAME)
         (out_dir / TRACKER_NAME).write_text(str(latest.step), encoding="utf-8")
         LOG.info("wrote verl checkpoint %s (%d shards)", target, len(shards))
         return ResumeInfo(checkpoint_dir=target, command=_resume_command(target), notes=_notes(latest.step, len(shards)))
