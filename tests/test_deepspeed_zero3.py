@@ -121,3 +121,17 @@ def test_deepspeed_resumes_with_the_extrapolation(tmp_path: Path, stage: int) ->
         client_step = 8 if name == "openrlhf" else None
         assert result == {"module": True, "master": True, "step": 8, "client_step": client_step}, name
         assert _changed(load_file(expected), old), name
+
+
+@NEEDS_DS
+@pytest.mark.parametrize("run", [TRL / "checkpoint-8", OPENRLHF / "_actor"])
+def test_zero3_masters_match_deepspeeds_own_recovery(run: Path) -> None:
+    """DeepSpeed's zero_to_fp32 (an independent reader of the same partitions) gives the same fp32 LoRA."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from nextoffline.formats.lora_keys import peft_key
+
+    theirs = {peft_key(k): v for k, v in get_fp32_state_dict_from_zero_checkpoint(str(run), tag="global_step8").items() if peft_key(k)}
+    ours = load_master_lora_state(run / "global_step8")
+    assert ours.keys() == theirs.keys() and len(ours) == 28
+    assert all(torch.equal(ours[k], theirs[k].float()) for k in ours)
