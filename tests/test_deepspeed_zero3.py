@@ -124,7 +124,7 @@ def test_deepspeed_resumes_with_the_extrapolation(tmp_path: Path, stage: int) ->
 
 
 @NEEDS_DS
-@pytest.mark.parametrize("run", [TRL / "checkpoint-8", OPENRLHF / "_actor"])
+@pytest.mark.parametrize("run", [TRL / "checkpoint-8", OPENRLHF / "_actor", FIXTURES / "trl_zero3_w3_tiny" / "checkpoint-8"])
 def test_zero3_masters_match_deepspeeds_own_recovery(run: Path) -> None:
     """DeepSpeed's zero_to_fp32 (an independent reader of the same partitions) gives the same fp32 LoRA."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -135,3 +135,20 @@ def test_zero3_masters_match_deepspeeds_own_recovery(run: Path) -> None:
     ours = load_master_lora_state(run / "global_step8")
     assert ours.keys() == theirs.keys() and len(ours) == 28
     assert all(torch.equal(ours[k], theirs[k].float()) for k in ours)
+
+
+@NEEDS_DS
+def test_zero3_padded_partitions_rewritten_as_deepspeed_reads_them(tmp_path: Path) -> None:
+    """3 ranks: every LoRA tensor is split unevenly (zero-padded last partition); DeepSpeed's reader sees the new values."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from nextoffline.formats.lora_keys import peft_key
+
+    run = FIXTURES / "trl_zero3_w3_tiny"
+    _extrapolate(run, tmp_path / "out")
+    checkpoint = tmp_path / "out" / "resume" / "checkpoint-8"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="global_step8")
+    masters = {peft_key(k): v for k, v in state.items() if peft_key(k)}
+    new = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert masters.keys() == new.keys() and all(torch.equal(masters[k].to(new[k].dtype), new[k]) for k in new)
+    assert _changed(new, load_file(run / "checkpoint-8" / "adapter_model.safetensors"))
