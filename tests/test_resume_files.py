@@ -194,3 +194,17 @@ def test_free_space_estimate_counts_lora_bytes_not_the_rank0_shard(tmp_path: Pat
     written = (tmp_path / "out" / "adapter_model.safetensors").stat().st_size
     assert written <= estimate <= written + 64 * 1024
     assert estimate - 64 * 1024 < shard.stat().st_size / 3  # the shard also holds rank 0's part of the base model
+
+
+def test_writers_are_only_called_through_the_check() -> None:
+    """Every caller goes through write_resumable_checked, so no writer can skip the refusal."""
+    import nextoffline
+
+    package = Path(nextoffline.__file__).parent
+    callers = [
+        f"{path.relative_to(package)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if ".write_resumable(" in line and "return fmt.write_resumable(" not in line
+    ]
+    assert callers == [], f"call formats.base.write_resumable_checked instead: {callers}"
