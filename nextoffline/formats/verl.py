@@ -286,8 +286,8 @@ def _has_lora_tensors(path: Path) -> bool:
     """True when a safetensors file holds LoRA tensors (verl <= 0.7 with PEFT >= 0.21 can save an EMPTY adapter)."""
     try:
         header = read_safetensors_header(path)
-    except AdapterFileError:  # an unreadable adapter is not usable; the shards are read instead
-        return False
+    except AdapterFileError:  # truncated or corrupt (e.g. still being written): not "empty"; the reader reports it
+        return True
     return any(is_peft_lora_key(key) for key in header.tensors)
 
 
