@@ -97,10 +97,10 @@ def test_trl_run_without_any_adapter_names_the_layout(tmp_path: Path) -> None:
         ckpt = run / f"checkpoint-{step}"
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             (ckpt / name).unlink()
-        _touch_pt(ckpt / "model.safetensors")  # a full fine-tune: no LoRA to read
+        _touch_pt(ckpt / "custom_weights.pt")  # no adapter, no full model: nothing nextoffline can read
     code, _stdout, stderr = _extrapolate(run, tmp_path / "out", "--resumable")
     assert code == 1 and "checkpoint-8: transformers.Trainer checkpoint without adapter_config.json" in stderr
-    assert "model.safetensors (full model weights)" in stderr
+    assert "custom_weights.pt (unknown weight file)" in stderr
     assert "no checkpoints found" not in stderr
 
 
