@@ -247,6 +247,17 @@ def test_resumable_refused_when_deepspeed_state_may_hold_weights(tmp_path: Path)
     assert not (tmp_path / "o").exists()
 
 
+def test_resumable_refused_when_a_weight_file_would_be_copied_unchanged(tmp_path: Path) -> None:
+    """accelerate FSDP keeps the model in pytorch_model_fsdp.bin next to the safetensors: copying it
+    unchanged would resume the OLD weights, so the no-silent-loss rule refuses and names it."""
+    run = tmp_path / "run"
+    shutil.copytree(RUN, run)
+    torch.save({"w": torch.zeros(2)}, run / "checkpoint-80" / "pytorch_model_fsdp.bin")
+    code, output = run_cli("extrapolate", run, "--coef", 1, "--out", tmp_path / "o", "--resumable")
+    assert code != 0 and "pytorch_model_fsdp.bin" in output and "FSDP" in output and "Traceback" not in output
+    assert not (tmp_path / "o").exists()
+
+
 def test_bin_weights_and_next_are_clear_errors(tmp_path: Path) -> None:
     run = tmp_path / "bin_run"
     for step in (1, 2, 3):

@@ -30,6 +30,8 @@ from nextoffline.dense.pipeline import (
     write_extrapolated_model,
 )
 from nextoffline.errors import OutputError
+from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
+from nextoffline.formats.trl import TRAINER_WEIGHTLESS
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, copy_file, write_json
 
 __all__ = ["TRAINER_STATE_FILES", "DenseRequest", "run_dense_extrapolate"]
@@ -70,6 +72,15 @@ def _resumable_refusal(trajectory: DenseTrajectory) -> str | None:
     latest = trajectory.latest.folder
     if trajectory.layout != "hf-trainer":
         return f"{trajectory.source}: --resumable needs HF Trainer checkpoint-N/ folders; this run has plain step folders"
+    check_resume_files(  # the no-silent-loss rule of every --resumable writer: refuses naming the file
+        ResumeFiles(
+            latest,
+            "HF Trainer full-parameter",
+            frozenset(latest / name for name in trajectory.latest.files),
+            TRAINER_WEIGHTLESS,
+            "HF Trainer checkpoint-N/ folders whose weights are model*.safetensors (no DeepSpeed or FSDP states)",
+        )
+    )
     extra = sorted(p.name for p in latest.iterdir() if p.is_dir())
     if extra:
         return (
