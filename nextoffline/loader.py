@@ -43,6 +43,7 @@ __all__ = [
     "iter_chunks",
     "open_readers",
     "plan_chunks",
+    "pread_exact",
     "read_chunk",
     "read_raw",
     "to_chunk",
@@ -144,7 +145,15 @@ def _safetensors_layout(reader: TensorReader) -> dict[str, _Entry] | None:
 
 def _pread_into(fd: int, target: torch.Tensor, offset: int, path: Path) -> None:
     """Fill the contiguous ``target`` with the file bytes at ``offset`` (loops on short reads)."""
-    view = memoryview(target.view(-1).view(torch.uint8).numpy())
+    pread_exact(fd, memoryview(target.view(-1).view(torch.uint8).numpy()), offset, path)
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` with the bytes of ``fd`` at ``offset``, looping on short reads.
+
+    Raises:
+        AdapterFileError: the file ends first (truncated checkpoint).
+    """
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)

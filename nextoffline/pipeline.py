@@ -50,6 +50,7 @@ __all__ = [
     "Target",
     "backtest",
     "build_candidates",
+    "check_holdout",
     "default_horizon",
     "extrapolate",
     "fit_all",
@@ -262,6 +263,19 @@ class BacktestResult:
 GRAM_CACHE_MIN_BYTES = 256 * 2**20
 
 
+def check_holdout(source_label: str, num_steps: int, holdout: int) -> None:
+    """Refuse a backtest that leaves fewer than 3 of ``num_steps`` checkpoints to fit on.
+
+    Raises:
+        NotEnoughCheckpointsError: names the source and the fix.
+    """
+    if holdout < 1 or num_steps - holdout < 3:
+        raise NotEnoughCheckpointsError(
+            f"{source_label}: backtest with --holdout {holdout} leaves {num_steps - holdout} of {num_steps} checkpoints to fit on; "
+            "at least 3 are needed: lower --holdout, or (extrapolate) pick a predictor with --method to skip the backtest"
+        )
+
+
 def backtest(
     trajectory: Trajectory,
     methods: Sequence[str],
@@ -283,11 +297,7 @@ def backtest(
         NotEnoughCheckpointsError: fewer than 3 checkpoints would remain to fit on.
     """
     k = len(trajectory.steps)
-    if holdout < 1 or k - holdout < 3:
-        raise NotEnoughCheckpointsError(
-            f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
-            "at least 3 are needed: lower --holdout, or (extrapolate) pick a predictor with --method to skip the backtest"
-        )
+    check_holdout(trajectory.source_label, k, holdout)
     options = forecast or ForecastOptions()
     axes, missing = available_axes(trajectory, options)
     steps = trajectory.step_numbers

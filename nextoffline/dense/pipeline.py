@@ -16,7 +16,6 @@ all tensors identically, and each rank writes its tensors into the shared output
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -38,13 +37,13 @@ from nextoffline.ops.dense import (
     align_signs,
     holdout_errors,
     safe_ratio,
-    single_thread,
     top_triplet,
     trend_weights,
 )
+from nextoffline.ops.device import single_thread
 from nextoffline.ops.predictors import parse_predictor_name
 from nextoffline.ops.regressors import REGRESSORS
-from nextoffline.pipeline import AUTO_MAX_ERROR, BacktestResult, default_horizon, horizon_steps, resolve_targets
+from nextoffline.pipeline import AUTO_MAX_ERROR, BacktestResult, check_holdout, default_horizon, horizon_steps, resolve_targets
 
 __all__ = [
     "DenseChoice",
@@ -92,7 +91,7 @@ def _threads(device: torch.device):
     """Streaming passes on CPU run on one intra-op thread per process: they are memory-bound, and an
     OpenMP fork/join per slab operation cost 40x on a loaded 2-core machine (29 ms vs 0.7 ms for a
     1M-element widen). More cores: more processes (``torchrun``)."""
-    return single_thread() if device.type == "cpu" else contextlib.nullcontext()
+    return single_thread(device)
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -231,11 +230,7 @@ def dense_backtest(trajectory: DenseTrajectory, stats: DenseStats, methods: Sequ
         NotEnoughCheckpointsError: fewer than 3 checkpoints would remain to fit on.
     """
     k = len(trajectory.checkpoints)
-    if holdout < 1 or k - holdout < 3:
-        raise NotEnoughCheckpointsError(
-            f"{trajectory.source_label}: backtest with --holdout {holdout} leaves {k - holdout} of {k} checkpoints to fit on; "
-            "at least 3 are needed: lower --holdout, or pick a predictor with --method to skip the backtest"
-        )
+    check_holdout(trajectory.source_label, k, holdout)
     steps = [float(s) for s in trajectory.step_numbers]
     prefix, heldout = list(range(k - holdout)), list(range(k - holdout, k))
     errors: dict[str, float] = {}

@@ -16,6 +16,7 @@ import torch
 
 from nextoffline.dense.layout import DenseCheckpoint, TensorEntry
 from nextoffline.errors import AdapterFileError
+from nextoffline.loader import pread_exact
 from nextoffline.ops.device import to_compute
 
 __all__ = ["FileHandles", "read_compute", "read_into", "read_slab", "slab_bounds", "write_slab"]
@@ -62,15 +63,6 @@ class FileHandles:
         self.close()
 
 
-def _pread(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise AdapterFileError(f"{path}: file is truncated (short read at byte {offset + done}); re-save this checkpoint")
-        done += n
-
-
 def read_slab(
     handles: FileHandles, checkpoint: DenseCheckpoint, key: str, start: int, stop: int, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -83,7 +75,7 @@ def read_slab(
     nbytes = (stop - start) * size
     raw = buffer[:nbytes] if buffer is not None and buffer.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
     path = checkpoint.folder / entry.file
-    _pread(handles.fd(path), memoryview(raw.numpy()), entry.offset + start * size, path)
+    pread_exact(handles.fd(path), memoryview(raw.numpy()), entry.offset + start * size, path)
     return raw.view(entry.dtype)
 
 

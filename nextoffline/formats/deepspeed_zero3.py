@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,14 @@ from nextoffline.errors import AdapterFileError, UnsupportedAdapterError
 from nextoffline.formats.lora_keys import checked_new_weights, peft_key
 from nextoffline.io.torch_zip import SubclassRef, TensorRef, read_structure, read_tensors
 
-__all__ = ["is_zero3_tag", "load_zero3_master_lora_state", "write_zero3_checkpoint", "zero3_files"]
+__all__ = [
+    "MasterPiece",
+    "assemble_master_lora",
+    "is_zero3_tag",
+    "load_zero3_master_lora_state",
+    "write_zero3_checkpoint",
+    "zero3_files",
+]
 
 _MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -75,10 +83,35 @@ def _flat_ref(value: Any, path: Path) -> TensorRef:
     return ref
 
 
+@dataclass(frozen=True)
+class MasterPiece:
+    """Part of one parameter's flattened values that one rank's fp32 partition holds (ZeRO-1/2/3)."""
+
+    rank: int
+    ref: TensorRef  # slice of the rank's partition
+    start: int  # offset in the flattened parameter
+    local: int  # offset in the rank's partition
+
+
+def assemble_master_lora(
+    files: Sequence[Path], pieces: Mapping[str, list[MasterPiece]], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """The fp32 master LoRA tensors (PEFT names), each assembled from its pieces in every rank's file."""
+    result = {}
+    for key, parts in pieces.items():
+        name = peft_key(key)
+        if name is None:
+            continue
+        flat = torch.empty(int(torch.Size(shapes[key]).numel()), dtype=torch.float32)
+        for piece in parts:
+            (value,) = read_tensors(files[piece.rank], [piece.ref])
+            flat[piece.start : piece.start + value.numel()] = value
+        result[name] = flat.view(shapes[key])
+    return dict(sorted(result.items()))
+
+
 def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]], dict[str, tuple[int, ...]]]:
     """Where each trainable parameter's fp32 values live in every rank's ``fp32_flat_groups``."""
-    from nextoffline.formats.openrlhf import _Piece  # the ZeRO-1/2 writer's piece record, shared
-
     models, optims = zero3_files(tag_dir)
     world = len(models)
     states = read_structure(models[0])
@@ -93,7 +126,7 @@ def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]]
         flats.append([_flat_ref(v, path) for v in optim["fp32_flat_groups"]])
     sizes = [ref.size[0] for ref in flats[0]]
     bounds = [sum(sizes[:g]) for g in range(len(sizes) + 1)]
-    pieces: dict[str, list[_Piece]] = {}
+    pieces: dict[str, list[MasterPiece]] = {}
     offset = 0
     for name, shape in shapes.items():
         numel = int(torch.Size(shape).numel())
@@ -107,7 +140,7 @@ def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]]
             if length and group is not None:
                 base = flats[rank][group]
                 ref = TensorRef(base.storage, base.offset + offset - bounds[group], (length,), (1,))
-                pieces[name].append(_Piece(rank, ref, start, offset - bounds[group]))
+                pieces[name].append(MasterPiece(rank, ref, start, offset - bounds[group]))
         offset += per_rank
     if offset != bounds[-1]:
         raise AdapterFileError(
@@ -119,17 +152,7 @@ def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]]
 def load_zero3_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The fp32 master LoRA tensors (PEFT names) of a ZeRO-3 checkpoint folder, assembled from every rank."""
     _models, optims, pieces, shapes = _pieces(tag_dir)
-    result = {}
-    for key, parts in pieces.items():
-        name = peft_key(key)
-        if name is None:
-            continue
-        flat = torch.empty(int(torch.Size(shapes[key]).numel()), dtype=torch.float32)
-        for piece in parts:
-            (value,) = read_tensors(optims[piece.rank], [piece.ref])
-            flat[piece.start : piece.start + value.numel()] = value
-        result[name] = flat.view(shapes[key])
-    return dict(sorted(result.items()))
+    return assemble_master_lora(optims, pieces, shapes)
 
 
 def _check_placeholders(models: list[Path], lora_keys: Mapping[str, str]) -> None:

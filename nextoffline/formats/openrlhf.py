@@ -21,7 +21,6 @@ import logging
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +29,14 @@ import torch
 from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import AdapterFileError, FormatDetectionError, UnsupportedAdapterError
 from nextoffline.formats.base import find_adapter_weights, register_format
-from nextoffline.formats.deepspeed_zero3 import is_zero3_tag, load_zero3_master_lora_state, write_zero3_checkpoint, zero3_files
+from nextoffline.formats.deepspeed_zero3 import (
+    MasterPiece,
+    assemble_master_lora,
+    is_zero3_tag,
+    load_zero3_master_lora_state,
+    write_zero3_checkpoint,
+    zero3_files,
+)
 from nextoffline.formats.lora_keys import checked_new_weights, peft_key, rewrite_safetensors
 from nextoffline.formats.resume_files import ResumeFiles
 from nextoffline.io.reader import register_state_loader
@@ -93,16 +99,6 @@ register_state_loader(is_deepspeed_model_states, load_lora_state)
 # --------------------------------------------------------------------------- ZeRO fp32 masters
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """Part of one parameter's flattened values that one rank's fp32 partition holds."""
-
-    rank: int
-    ref: TensorRef  # slice of the rank's partition
-    start: int  # offset in the flattened parameter
-    local: int  # offset in the rank's partition
-
-
 def _optim_files(tag_dir: Path, world: int) -> list[Path]:
     found: dict[int, Path] = {}
     for path in tag_dir.iterdir():
@@ -126,7 +122,7 @@ def _check_zero_stage(path: Path, optim: Mapping[str, Any]) -> None:
         raise UnsupportedAdapterError(f"{path}: no fp32 master partitions (ZeRO disabled?); --resumable needs ZeRO stage 1 or 2")
 
 
-def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path], dict[str, list[_Piece]], dict[str, tuple[int, ...]]]:
+def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path], dict[str, list[MasterPiece]], dict[str, tuple[int, ...]]]:
     """Where each trainable parameter's fp32 master values live in the ZeRO-1/2 partitions.
 
     DeepSpeed flattens each param group in ``param_shapes`` order and splits it over the data
@@ -137,7 +133,7 @@ def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path]
     optims = [read_structure(f)["optimizer_state_dict"] for f in files]
     for path, optim in zip(files, optims):
         _check_zero_stage(path, optim)
-    pieces: dict[str, list[_Piece]] = {}
+    pieces: dict[str, list[MasterPiece]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for group, param_shapes in enumerate(states["param_shapes"]):
         partitions: list[TensorRef] = [o["single_partition_of_fp32_groups"][group] for o in optims]
@@ -154,7 +150,7 @@ def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path]
                 first, last = max(offset, lo), min(offset + numel, hi)
                 if first < last:
                     ref = TensorRef(part.storage, part.offset + first - lo, (last - first,), (1,))
-                    pieces[name].append(_Piece(rank, ref, first - offset, first - lo))
+                    pieces[name].append(MasterPiece(rank, ref, first - offset, first - lo))
             offset += numel
         if offset != start:
             raise AdapterFileError(f"{tag_dir}: param group {group} holds {start} values, its parameters {offset}; the files do not match")
@@ -162,7 +158,7 @@ def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path]
     return files, pieces, shapes
 
 
-def _check_slice_mappings(tag_dir: Path, optims: list[Mapping[str, Any]], pieces: Mapping[str, list[_Piece]]) -> None:
+def _check_slice_mappings(tag_dir: Path, optims: list[Mapping[str, Any]], pieces: Mapping[str, list[MasterPiece]]) -> None:
     """Cross-check against DeepSpeed's own per-rank ``param_slice_mappings`` when saved."""
     for rank, optim in enumerate(optims):
         for group in optim.get("param_slice_mappings") or ():
@@ -182,17 +178,7 @@ def load_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
         return load_zero3_master_lora_state(tag_dir)
     states = _model_states(tag_dir / MODEL_STATES)
     files, pieces, shapes = _master_pieces(tag_dir, states)
-    result = {}
-    for key, parts in pieces.items():
-        name = peft_key(key)
-        if name is None:
-            continue
-        flat = torch.empty(int(torch.Size(shapes[key]).numel()), dtype=torch.float32)
-        for piece in parts:
-            (value,) = read_tensors(files[piece.rank], [piece.ref])
-            flat[piece.start : piece.start + value.numel()] = value
-        result[name] = flat.view(shapes[key])
-    return dict(sorted(result.items()))
+    return assemble_master_lora(files, pieces, shapes)
 
 
 # --------------------------------------------------------------------------- the format
@@ -346,7 +332,7 @@ def _write_module(source: Path, dest: Path, lora: Mapping[str, tuple[str, Tensor
 def _write_masters(
     files: list[Path],
     target: Path,
-    pieces: Mapping[str, list[_Piece]],
+    pieces: Mapping[str, list[MasterPiece]],
     lora: Mapping[str, tuple[str, TensorRef]],
     new: Mapping[str, torch.Tensor],
 ) -> None:

@@ -19,11 +19,11 @@ eigen-decomposition. ``u = X v / |X v| = L (Gr y) / |.|`` needs no refinement pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from nextoffline.ops.device import single_thread
 
 __all__ = [
     "Triplets",
@@ -113,21 +113,6 @@ def _omega(k: int, b: int, device: torch.device) -> torch.Tensor:
     return torch.randn(k, b, generator=gen, dtype=_SMALL).to(device)
 
 
-@contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """Small ``k x k`` LAPACK calls run one matrix at a time; extra BLAS threads only add
-    synchronisation (measured 10-60x slower with 2 threads on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _eigh_top(gram_l: torch.Tensor, gram_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Direct path for the top eigenpair (see :func:`_eigh_topk`)."""
     y, lam = _eigh_topk(gram_l, gram_r, 1)
@@ -193,7 +178,7 @@ def top_eigvec(
     gram_l, gram_r = gram_l.to(_SMALL), gram_r.to(_SMALL)
     batch, k = gram_l.shape[:-2], gram_l.shape[-1]
     gram_l, gram_r = gram_l.reshape(-1, k, k), gram_r.reshape(-1, k, k)
-    with _single_thread(gram_l.device):
+    with single_thread(gram_l.device):
         y, lam = _top_eigvec(gram_l, gram_r, tol, max_rounds, block)
     y = torch.where(lam.unsqueeze(-1) > 0, y, torch.zeros_like(y))
     return y.reshape(*batch, k), lam.reshape(batch)

@@ -14,13 +14,13 @@ batch of Grams; the write is elementwise.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from nextoffline.ops.device import single_thread
 from nextoffline.ops.predictors.trajectory import rank1_from_gram
 from nextoffline.ops.regressors import make_regressor
 
@@ -29,26 +29,11 @@ __all__ = [
     "accumulate_gram",
     "align_signs",
     "holdout_errors",
-    "single_thread",
     "top_triplet",
     "trend_weights",
 ]
 
 _F64 = torch.float64
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the block with one intra-op thread (BLAS reductions then do not depend on the thread count)."""
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def accumulate_gram(gram: torch.Tensor, deltas: torch.Tensor, scratch: torch.Tensor | None = None) -> None:

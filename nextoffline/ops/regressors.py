@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -85,6 +86,29 @@ class LinearTrend(_Normalised):
         return self._coef[:, 0] + self._coef[:, 1] * z
 
 
+def _fit_over_grid(
+    y: torch.Tensor, grid: Sequence[float], feature: Callable[[float], torch.Tensor], *, initial: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per series, ``a + b f_k`` with ``k`` from ``grid`` by least squares (batched 2 x 2 problems).
+
+    Returns the ``(N, 2)`` coefficients and the chosen ``k`` per series (``initial`` where no grid
+    point gives a finite error).
+    """
+    best_err = torch.full((y.shape[0],), float("inf"), dtype=_F64)
+    best_coef = torch.zeros(y.shape[0], 2, dtype=_F64)
+    chosen = torch.full((y.shape[0],), float(initial), dtype=_F64)
+    for k in grid:
+        feat = feature(k)
+        design = torch.stack([torch.ones_like(feat), feat], dim=-1)
+        coef = _batched_lstsq(design, y)
+        err = ((design @ coef.unsqueeze(-1)).squeeze(-1) - y).square().sum(-1)
+        better = err < best_err * (1 - 1e-9)
+        best_err = torch.where(better, err, best_err)
+        best_coef = torch.where(better.unsqueeze(-1), coef, best_coef)
+        chosen = torch.where(better, torch.full_like(chosen, k), chosen)
+    return best_coef, chosen
+
+
 class PowerTrend(Regressor):
     """``c(t) = a + b t^p``, the exponent chosen per series from a grid by least squares.
 
@@ -99,18 +123,7 @@ class PowerTrend(Regressor):
         x, y = x.to(_F64), y.to(_F64)
         self._scale = x[:, -1:].abs().clamp_min(1e-12)
         base = (x / self._scale).clamp_min(0)
-        best_err = torch.full((x.shape[0],), float("inf"), dtype=_F64)
-        self._coef = torch.zeros(x.shape[0], 2, dtype=_F64)
-        self._power = torch.ones(x.shape[0], dtype=_F64)
-        for p in self.EXPONENTS:
-            feat = base**p
-            design = torch.stack([torch.ones_like(feat), feat], dim=-1)
-            coef = _batched_lstsq(design, y)
-            err = ((design @ coef.unsqueeze(-1)).squeeze(-1) - y).square().sum(-1)
-            better = err < best_err * (1 - 1e-9)
-            best_err = torch.where(better, err, best_err)
-            self._coef = torch.where(better.unsqueeze(-1), coef, self._coef)
-            self._power = torch.where(better, torch.full_like(self._power, p), self._power)
+        self._coef, self._power = _fit_over_grid(y, self.EXPONENTS, lambda p: base**p, initial=1.0)
         return self
 
     def predict(self, x_new: torch.Tensor) -> torch.Tensor:
@@ -133,18 +146,7 @@ class _GridTrend(Regressor, ABC):
         x, y = x.to(_F64), y.to(_F64)
         self._origin, self._last = x[:, :1], x[:, -1:]
         self._span = (x[:, -1:] - x[:, :1]).clamp_min(1e-12)
-        best_err = torch.full((x.shape[0],), float("inf"), dtype=_F64)
-        self._coef = torch.zeros(x.shape[0], 2, dtype=_F64)
-        self._shape = torch.full((x.shape[0],), self.GRID[0], dtype=_F64)
-        for k in self.GRID:
-            feat = self._feature(x, k)
-            design = torch.stack([torch.ones_like(feat), feat], dim=-1)
-            coef = _batched_lstsq(design, y)
-            err = ((design @ coef.unsqueeze(-1)).squeeze(-1) - y).square().sum(-1)
-            better = err < best_err * (1 - 1e-9)
-            best_err = torch.where(better, err, best_err)
-            self._coef = torch.where(better.unsqueeze(-1), coef, self._coef)
-            self._shape = torch.where(better, torch.full_like(self._shape, k), self._shape)
+        self._coef, self._shape = _fit_over_grid(y, self.GRID, lambda k: self._feature(x, k), initial=self.GRID[0])
         return self
 
     def predict(self, x_new: torch.Tensor) -> torch.Tensor:
