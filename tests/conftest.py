@@ -43,6 +43,16 @@ def sqrt_run(tmp_path: Path) -> Path:
     return make_trajectory(tmp_path / "sqrt_run", law="sqrt")
 
 
+def effective(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Dense ``s B A`` per module (fine for tiny test shapes)."""
+    out = {}
+    for key, a in tensors.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            out[module] = scaling * tensors[f"{module}.lora_B.weight"].double() @ a.double()
+    return out
+
+
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root`` (inputs must never change)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -13,22 +13,12 @@ from safetensors.torch import load_file
 
 from nextoffline.cli import main
 from nextoffline.synthetic import SyntheticSpec, synthetic_factors, write_synthetic_trajectory
-from tests.conftest import make_trajectory, tree_hashes
+from tests.conftest import effective, make_trajectory, tree_hashes
 
 
 def run_cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, [*map(str, args), "--quiet"], catch_exceptions=False)
     return result.exit_code, result.stdout if result.exit_code == 0 else result.output
-
-
-def effective(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Dense ``s B A`` per module (fine for tiny test shapes)."""
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith("lora_A.weight"):
-            module = key.removesuffix(".lora_A.weight")
-            out[module] = scaling * tensors[f"{module}.lora_B.weight"].double() @ a.double()
-    return out
 
 
 def truth_at(step: int, law: str, **spec) -> dict[str, torch.Tensor]:

@@ -24,20 +24,11 @@ from nextoffline.ops.regressors import make_regressor
 from nextoffline.pipeline import NextOptions, PredictorOptions, RunSettings, backtest, extrapolate
 from nextoffline.synthetic import SyntheticSpec, forecast_families, progress, synthetic_factors, write_synthetic_trajectory
 from nextoffline.trajectory import load_trajectory
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, effective
 
 FORECAST = FIXTURES / "forecast"
 QUIET = RunSettings(device=torch.device("cpu"), progress=False, predictors=PredictorOptions(next=NextOptions(epochs=2)))
 NO_NEXT = ForecastOptions(next_budget_s=0.0)
-
-
-def dense(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, a in tensors.items():
-        if key.endswith("lora_A.weight"):
-            module = key.removesuffix(".lora_A.weight")
-            out[module] = scaling * tensors[f"{module}.lora_B.weight"].double() @ a.double()
-    return out
 
 
 def error_vs_stopping(pred: dict, truth: dict, last: dict) -> float:
@@ -261,9 +252,9 @@ def test_damping_scales_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
     damped = extrapolate(trajectory, QUIET, to_steps=[200.0], forecast=NO_NEXT)
     assert seen and damped.method != "none"
     again = extrapolate(trajectory, QUIET, method=damped.method, to_steps=[200.0])
-    latest = dense(load_file(trajectory.latest.weights_file), 2.0)
-    for key, value in dense(damped.candidates[0].tensors, 2.0).items():
-        expected = latest[key] + 0.5 * (dense(again.candidates[0].tensors, 2.0)[key] - latest[key])
+    latest = effective(load_file(trajectory.latest.weights_file), 2.0)
+    for key, value in effective(damped.candidates[0].tensors, 2.0).items():
+        expected = latest[key] + 0.5 * (effective(again.candidates[0].tensors, 2.0)[key] - latest[key])
         assert torch.allclose(value, expected, rtol=1e-3, atol=1e-5), key
     assert full.candidates[0].relative_update > 0
 
@@ -274,10 +265,10 @@ def test_auto_beats_stopping_on_saturating_and_rotating_families(family: str) ->
     targets = [140.0, 240.0]  # 0.2x and 1x the observed length ahead
     result = extrapolate(trajectory, QUIET, to_steps=targets, forecast=NO_NEXT)
     assert result.method != "none"
-    last = dense(load_file(trajectory.latest.weights_file), 2.0)
+    last = effective(load_file(trajectory.latest.weights_file), 2.0)
     for target, candidate in zip(targets, result.candidates):
-        truth = dense(load_file(FORECAST / family / "future" / f"step_{int(target)}" / "adapter_model.safetensors"), 2.0)
-        assert error_vs_stopping(dense(candidate.tensors, 2.0), truth, last) < 0.6, (family, target)
+        truth = effective(load_file(FORECAST / family / "future" / f"step_{int(target)}" / "adapter_model.safetensors"), 2.0)
+        assert error_vs_stopping(effective(candidate.tensors, 2.0), truth, last) < 0.6, (family, target)
 
 
 def test_auto_on_the_bundled_grpo_run() -> None:
