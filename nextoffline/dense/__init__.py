@@ -6,7 +6,7 @@ Example:
     >>> run_dense_extrapolate(trajectory, device=torch.device("cpu"), chunk_bytes=64 << 20, out_dir=Path("next"), coefs=[1.0])
 """
 
-from nextoffline.dense.layout import DenseTrajectory, is_full_parameter_run, load_dense_trajectory
+from nextoffline.dense.layout import DenseTrajectory, is_dense_source, is_full_parameter_run, load_dense_trajectory
 from nextoffline.dense.output import run_dense_extrapolate
 
-__all__ = ["DenseTrajectory", "is_full_parameter_run", "load_dense_trajectory", "run_dense_extrapolate"]
+__all__ = ["DenseTrajectory", "is_dense_source", "is_full_parameter_run", "load_dense_trajectory", "run_dense_extrapolate"]

@@ -1,7 +1,7 @@
 """CLI glue for full-parameter trajectories (called from :mod:`nextoffline.cli.commands`).
 
 A source is treated as full-parameter when ``--full`` is given or when probing finds
-step-named folders with whole HF models and no LoRA adapter (:func:`is_full_parameter_run`).
+step-named folders with whole HF models and no LoRA adapter (:func:`~nextoffline.dense.layout.is_dense_source`: any registered layout).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ LOG = logging.getLogger(__name__)
 
 def wants_dense(src: SourceArgs, full_args: FullArgs) -> bool:
     """True when the command should take the full-parameter path."""
-    from nextoffline.dense.layout import is_full_parameter_run
+    from nextoffline.dense.layout import is_dense_source
 
     source = src.source
     if full_args.full:
         if not source or source.startswith("hf://") or src.adapters:
             raise UsageError("--full needs a local run folder as SOURCE (hf:// and --adapter are LoRA-only for now)")
         return True
-    detected = bool(source) and not source.startswith("hf://") and not src.adapters and is_full_parameter_run(Path(source))
+    detected = bool(source) and not source.startswith("hf://") and not src.adapters and is_dense_source(Path(source))
     if full_args.base is not None and not detected:
         raise UsageError("--base applies to full-parameter trajectories only; add --full (or point at a full-parameter run)")
     return detected

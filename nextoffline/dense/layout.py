@@ -8,14 +8,18 @@ Two layouts are recognised by probing (documented in ``docs/formats.md``):
 - ``hf-steps``: plain HF model folders named by step (``step_N``, ``global_step_N``, ``iter_N``).
 
 Only safetensors headers are read here; :class:`DenseTrajectory` records, per checkpoint, where
-every tensor's bytes sit, so the pipeline can read row slabs of one tensor at a time.
+every tensor's bytes sit (:class:`Piece` runs of its flattened elements, in one file or spread
+over several, as trainers that shard parameters store them), so the pipeline can read row slabs
+of one tensor at a time. Other trainers' layouts plug in as :class:`DenseReader` entries of
+:data:`DENSE_READERS`, tried in order by :func:`load_dense_trajectory`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -25,11 +29,16 @@ from nextoffline.formats.base import parse_step_dir
 from nextoffline.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [
+    "DENSE_READERS",
     "INDEX_NAME",
     "SINGLE_NAME",
     "DenseCheckpoint",
+    "DenseReader",
+    "DenseResume",
     "DenseTrajectory",
+    "Piece",
     "TensorEntry",
+    "WriteTarget",
     "is_full_parameter_run",
     "load_dense_trajectory",
     "read_model_folder",
@@ -41,15 +50,24 @@ _BIN_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A run of a tensor's flattened elements ``[start, start + numel)`` stored contiguously in
+    ``file`` (a path relative to the checkpoint's folder) from byte ``offset`` on."""
+
+    file: str
+    offset: int
+    start: int
+    numel: int
+
+
+@dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor's bytes are: ``file`` (name inside the folder), absolute byte ``offset``."""
+    """Where one tensor's bytes are: its ``pieces`` cover the flattened tensor in order, without gaps."""
 
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: str
-    offset: int
-    nbytes: int
+    pieces: tuple[Piece, ...]
 
     @property
     def numel(self) -> int:
@@ -57,6 +75,39 @@ class TensorEntry:
         for dim in self.shape:
             out *= dim
         return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @classmethod
+    def contiguous(cls, key: str, dtype: torch.dtype, shape: tuple[int, ...], file: str, offset: int) -> TensorEntry:
+        """An entry stored in one run of bytes (a safetensors tensor)."""
+        entry = cls(key, dtype, shape, ())
+        return cls(key, dtype, shape, (Piece(file, offset, 0, entry.numel),))
+
+    def check_pieces(self, where: Path) -> None:
+        """Raise :class:`AdapterFileError` unless the pieces tile ``[0, numel)`` in order."""
+        position = 0
+        for piece in self.pieces:
+            if piece.start != position or piece.numel < 0:
+                break
+            position += piece.numel
+        if position != self.numel:
+            raise AdapterFileError(
+                f"{where}: tensor {self.key} is stored in pieces that do not cover its {self.numel} elements; "
+                "the checkpoint is incomplete (a rank's file missing?): restore it or drop this checkpoint"
+            )
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """Tensors to write the extrapolated values into: ``entries`` (their pieces relative to
+    ``root``, a folder relative to the output folder) in their own stored dtypes. The files must
+    exist at their full size before the write pass (created from a plan, or copied)."""
+
+    root: str
+    entries: dict[str, TensorEntry]
 
 
 @dataclass(frozen=True)
@@ -66,11 +117,13 @@ class DenseCheckpoint:
     step: int
     folder: Path
     entries: dict[str, TensorEntry]
-    files: tuple[str, ...]  # weight files, as named in the folder
-    header_bytes: dict[str, int]  # file -> length of its header (8 + JSON)
+    files: tuple[str, ...]  # weight files, relative to the folder
+    header_bytes: dict[str, int] = field(default_factory=dict)  # safetensors file -> length of its header (8 + JSON)
 
-    def paths(self) -> list[Path]:
-        return [self.folder / name for name in self.files]
+    @property
+    def is_safetensors(self) -> bool:
+        """True when every weight file is a safetensors file (the output can mirror its layout)."""
+        return bool(self.files) and set(self.files) == set(self.header_bytes)
 
 
 @dataclass(frozen=True)
@@ -82,6 +135,12 @@ class DenseTrajectory:
     layout: str
     checkpoints: tuple[DenseCheckpoint, ...]
     base: DenseCheckpoint | None
+    #: folder whose config/tokenizer/generation-config files go into the output model folder
+    #: (default: the latest checkpoint's folder)
+    model_files_dir: Path | None = None
+    #: stored dtype of each tensor in the output model folder when it differs from the source
+    #: (e.g. bf16 model weights read from fp32 optimizer masters)
+    output_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def step_numbers(self) -> list[int]:
@@ -103,6 +162,46 @@ class DenseTrajectory:
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.latest.entries.values())
+
+    def output_dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of ``key`` in the output model folder."""
+        return self.output_dtypes.get(key, self.latest.entries[key].dtype)
+
+
+@dataclass
+class DenseResume:
+    """How ``--resumable`` rewrites the trainer's own checkpoint.
+
+    ``copy_from`` (the latest checkpoint's folder, or a folder above it) is copied whole to
+    ``copy_to`` (relative to the output folder); the write pass then writes the extrapolated
+    values into every ``targets`` entry of the copy (weights, and fp32 masters where the trainer
+    keeps them). ``info`` goes to the manifest (``checkpoint_dir``, ``command``, ``notes``).
+    """
+
+    copy_from: Path
+    copy_to: str
+    targets: list[WriteTarget]
+    info: dict[str, Any]
+
+
+class DenseReader(Protocol):
+    """One trainer's full-parameter layout (probing, loading, and its ``--resumable`` writer)."""
+
+    name: str
+    layouts: tuple[str, ...]  # the DenseTrajectory.layout values it produces
+
+    def probe(self, root: Path) -> bool:
+        """True when ``root`` looks like a run of this layout (cheap: names and headers only)."""
+        ...
+
+    def load(self, root: Path, *, base: Path | None, source_label: str | None, min_steps: int) -> DenseTrajectory:
+        """Read every checkpoint's layout (headers only)."""
+        ...
+
+    def resumable(self, trajectory: DenseTrajectory) -> DenseResume:
+        """The resume plan, or raise :class:`~nextoffline.errors.OutputError` (or
+        :class:`~nextoffline.errors.UnhandledCheckpointError` via ``check_resume_files``) naming the file."""
+        ...
 
 
 def _has_model_weights(folder: Path) -> bool:
@@ -131,7 +230,11 @@ def _entries_of_file(path: Path, name: str) -> tuple[dict[str, TensorEntry], int
     for key, spec in header.tensors.items():
         begin, end = spec["data_offsets"]
         dtype = SAFETENSORS_DTYPES[spec["dtype"]]
-        entries[key] = TensorEntry(key, dtype, tuple(spec["shape"]), name, header.data_start + begin, end - begin)
+        entries[key] = TensorEntry.contiguous(key, dtype, tuple(spec["shape"]), name, header.data_start + begin)
+        if entries[key].nbytes != end - begin:
+            raise AdapterFileError(
+                f"{path}: tensor {key} has {end - begin} bytes for shape {spec['shape']}; the file is damaged, re-save it"
+            )
     return entries, header.data_start
 
 
@@ -185,8 +288,86 @@ def _check_compatible(reference: DenseCheckpoint, other: DenseCheckpoint, what: 
             )
 
 
+def check_steps(root: Path, found: list[tuple[int, Path]], min_steps: int) -> None:
+    """Refuse duplicate steps and runs with fewer than ``min_steps`` checkpoints (one line naming ``root``)."""
+    steps = [s for s, _ in found]
+    if len(set(steps)) != len(steps):
+        raise IncompatibleCheckpointsError(f"{root}: a step appears twice among {[f.name for _, f in found]}; keep one folder per step")
+    if len(found) < min_steps:
+        raise NotEnoughCheckpointsError(
+            f"{root}: found {len(found)} full-parameter checkpoint(s) (steps {steps}); at least {min_steps} are needed"
+        )
+
+
+def check_trajectory(checkpoints: tuple[DenseCheckpoint, ...], base: DenseCheckpoint | None) -> None:
+    """Every checkpoint (and the base) holds the same tensors with the same shapes as the latest."""
+    for other in checkpoints[:-1]:
+        _check_compatible(checkpoints[-1], other, "checkpoint")
+    if base is not None:
+        _check_compatible(checkpoints[-1], base, "the base model")
+
+
+def read_base(base: Path | None) -> DenseCheckpoint | None:
+    """``--base``: an HF model folder (the step-0 model) read header-only."""
+    if base is None:
+        return None
+    if not base.is_dir():
+        raise FormatDetectionError(f"{base}: --base must be a Hugging Face model folder (the step-0 model)")
+    return read_model_folder(base, 0)
+
+
+class HFModelFolders:
+    """HF Trainer ``checkpoint-N/`` and plain step-named HF model folders (``hf-trainer``, ``hf-steps``)."""
+
+    name = "hf"
+    layouts = ("hf-trainer", "hf-steps")
+
+    def probe(self, root: Path) -> bool:
+        return is_full_parameter_run(root)
+
+    def load(self, root: Path, *, base: Path | None, source_label: str | None, min_steps: int) -> DenseTrajectory:
+        return _load_hf_folders(root, base=base, source_label=source_label, min_steps=min_steps)
+
+    def resumable(self, trajectory: DenseTrajectory) -> DenseResume:
+        from nextoffline.dense.output import hf_trainer_resume
+
+        return hf_trainer_resume(trajectory)
+
+
+#: Full-parameter layouts, probed in order. Trainer-specific readers go before the HF folders
+#: (other trainers may save HF weights beside their own states).
+DENSE_READERS: list[DenseReader] = [HFModelFolders()]
+
+
+def reader_of(trajectory: DenseTrajectory) -> DenseReader:
+    """The reader that loaded ``trajectory`` (by its ``layout``)."""
+    for reader in DENSE_READERS:
+        if trajectory.layout in reader.layouts:
+            return reader
+    raise FormatDetectionError(f"{trajectory.source}: no full-parameter reader for layout {trajectory.layout}")
+
+
+def is_dense_source(root: Path) -> bool:
+    """True when any full-parameter reader recognises ``root``."""
+    return root.is_dir() and any(reader.probe(root) for reader in DENSE_READERS)
+
+
 def load_dense_trajectory(root: Path, *, base: Path | None = None, source_label: str | None = None, min_steps: int = 3) -> DenseTrajectory:
-    """Probe ``root`` for a full-parameter trajectory and read every checkpoint's header.
+    """Probe ``root`` with every :data:`DENSE_READERS` entry and read the checkpoints of the first that fits.
+
+    Raises:
+        FormatDetectionError: no reader recognises ``root``.
+        NotEnoughCheckpointsError: fewer than ``min_steps`` checkpoints.
+        IncompatibleCheckpointsError: checkpoints (or the base) disagree on tensors or shapes.
+    """
+    for reader in DENSE_READERS:
+        if root.is_dir() and reader.probe(root):
+            return reader.load(root, base=base, source_label=source_label, min_steps=min_steps)
+    return _load_hf_folders(root, base=base, source_label=source_label, min_steps=min_steps)  # its error names what is missing
+
+
+def _load_hf_folders(root: Path, *, base: Path | None, source_label: str | None, min_steps: int) -> DenseTrajectory:
+    """Step-named HF model folders under ``root``, header-only.
 
     Raises:
         FormatDetectionError: no step-named model folder under ``root``.
@@ -199,22 +380,10 @@ def load_dense_trajectory(root: Path, *, base: Path | None = None, source_label:
             f"{root}: no step-named folder (checkpoint-N, step_N, global_step_N, iter_N) holding model.safetensors; "
             "point at the run folder of a full-parameter training"
         )
-    steps = [s for s, _ in folders]
-    if len(set(steps)) != len(steps):
-        raise IncompatibleCheckpointsError(f"{root}: a step appears twice among {[f.name for _, f in folders]}; keep one folder per step")
-    if len(folders) < min_steps:
-        raise NotEnoughCheckpointsError(
-            f"{root}: found {len(folders)} full-parameter checkpoint(s) (steps {steps}); at least {min_steps} are needed"
-        )
+    check_steps(root, folders, min_steps)
     checkpoints = tuple(read_model_folder(f, s) for s, f in sorted(folders))
-    for other in checkpoints[:-1]:
-        _check_compatible(checkpoints[-1], other, "checkpoint")
-    base_ckpt = None
-    if base is not None:
-        if not base.is_dir():
-            raise FormatDetectionError(f"{base}: --base must be a Hugging Face model folder (the step-0 model)")
-        base_ckpt = read_model_folder(base, 0)
-        _check_compatible(checkpoints[-1], base_ckpt, "the base model")
+    base_ckpt = read_base(base)
+    check_trajectory(checkpoints, base_ckpt)
     all_trainer = all(c.folder.name.startswith("checkpoint-") for c in checkpoints)
     return DenseTrajectory(
         source=root,

@@ -1,11 +1,13 @@
 """Write an extrapolated full-parameter model: an HF model folder, manifest, optional resumable checkpoint.
 
-The output folder mirrors the latest checkpoint: the same weight files (same names, headers,
-key order, dtypes and therefore sharding and ``model.safetensors.index.json``), plus its
-``config.json``, generation config and tokenizer files; trainer state stays out (it goes to
-``resume/`` with ``--resumable``). Rank 0 creates every weight file with the latest
-checkpoint's header at its full size; each rank then writes its tensors' bytes in place. The
-whole folder appears atomically (:class:`~nextoffline.io.writer.AtomicOutputDir`).
+The output folder's weight files follow :func:`~nextoffline.dense.model_folder.plan_model_folder`
+(the latest checkpoint's safetensors files mirrored, or fresh HF shards), plus the config,
+generation config and tokenizer files; trainer state stays out. With ``--resumable`` the
+trainer's own checkpoint is copied to ``resume/`` and its weights (and fp32 masters where the
+trainer keeps them) are overwritten in the same write pass (the layout's
+:meth:`~nextoffline.dense.layout.DenseReader.resumable` plan). Rank 0 creates every file at
+its full size; each rank then writes its tensors' bytes in place. The whole folder appears
+atomically (:class:`~nextoffline.io.writer.AtomicOutputDir`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from nextoffline import __version__
 from nextoffline.artifacts import MANIFEST_NAME, RESUME_DIR
 from nextoffline.dense.dist import Group, init_from_env
-from nextoffline.dense.layout import DenseCheckpoint, DenseTrajectory
+from nextoffline.dense.layout import DenseCheckpoint, DenseResume, DenseTrajectory, WriteTarget, reader_of
+from nextoffline.dense.model_folder import copy_model_files, plan_model_folder
 from nextoffline.dense.pipeline import (
     DenseChoice,
+    WriteJob,
     collect_stats,
     resolution_warning,
     select_predictor,
@@ -34,85 +38,75 @@ from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.formats.trl import TRAINER_WEIGHTLESS
 from nextoffline.io.writer import AtomicOutputDir, check_output_location, copy_file, write_json
 
-__all__ = ["TRAINER_STATE_FILES", "DenseRequest", "run_dense_extrapolate"]
+__all__ = ["DenseRequest", "hf_trainer_resume", "run_dense_extrapolate"]
 
 LOG = logging.getLogger(__name__)
 
-#: Files of an HF Trainer checkpoint that are training state, not part of the model folder.
-TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
 
+def hf_trainer_resume(trajectory: DenseTrajectory) -> DenseResume:
+    """``resume/checkpoint-N/``: a copy of the latest HF Trainer checkpoint with its model weights
+    replaced (optimizer, scheduler, RNG and trainer state are the last real checkpoint's).
 
-def _is_trainer_state(name: str) -> bool:
-    return name in TRAINER_STATE_FILES or (name.startswith("rng_state") and name.endswith(".pth"))
-
-
-def _create_weight_files(latest: DenseCheckpoint, tmp: Path) -> None:
-    """Each weight file with the latest's header bytes, extended to its full size (data filled by the ranks)."""
-    for name in latest.files:
-        source = latest.folder / name
-        with source.open("rb") as handle:
-            header = handle.read(latest.header_bytes[name])
-        target = tmp / name
-        with target.open("wb") as handle:
-            handle.write(header)
-            handle.truncate(source.stat().st_size)
-
-
-def _copy_model_files(latest: DenseCheckpoint, tmp: Path) -> list[str]:
-    """Config, tokenizer, generation config and the index: every top-level non-weight, non-trainer file."""
-    copied = []
-    for child in sorted(latest.folder.iterdir()):
-        if child.is_file() and child.name not in latest.files and not _is_trainer_state(child.name):
-            copy_file(child, tmp / child.name)
-            copied.append(child.name)
-    return copied
-
-
-def _resumable_refusal(trajectory: DenseTrajectory) -> str | None:
-    latest = trajectory.latest.folder
+    Raises:
+        OutputError: plain step folders, or subfolders that may hold DeepSpeed/FSDP states.
+        UnhandledCheckpointError: a weight-bearing file it would copy unchanged (no-silent-loss rule).
+    """
+    latest = trajectory.latest
+    folder = latest.folder
     if trajectory.layout != "hf-trainer":
-        return f"{trajectory.source}: --resumable needs HF Trainer checkpoint-N/ folders; this run has plain step folders"
+        raise OutputError(f"{trajectory.source}: --resumable needs HF Trainer checkpoint-N/ folders; this run has plain step folders")
     check_resume_files(  # the no-silent-loss rule of every --resumable writer: refuses naming the file
         ResumeFiles(
-            latest,
+            folder,
             "HF Trainer full-parameter",
-            frozenset(latest / name for name in trajectory.latest.files),
+            frozenset(folder / name for name in latest.files),
             TRAINER_WEIGHTLESS,
             "HF Trainer checkpoint-N/ folders whose weights are model*.safetensors (no DeepSpeed or FSDP states)",
         )
     )
-    extra = sorted(p.name for p in latest.iterdir() if p.is_dir())
+    extra = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if extra:
-        return (
-            f"{latest}: --resumable for full-parameter runs rewrites model weights only, but {extra} may hold weights "
+        raise OutputError(
+            f"{folder}: --resumable for full-parameter runs rewrites model weights only, but {extra} may hold weights "
             "the trainer resumes from (DeepSpeed/FSDP states); drop --resumable and load the model folder instead"
         )
-    return None
+    target = f"{RESUME_DIR}/{folder.name}"
+    return DenseResume(
+        copy_from=folder,
+        copy_to=target,
+        targets=[WriteTarget(target, latest.entries)],
+        info={
+            "checkpoint_dir": target,
+            "command": f"trainer.train(resume_from_checkpoint='<out>/{target}')",
+            "notes": [
+                f"the resumed run continues at step {latest.step} (optimizer, scheduler, RNG and trainer state of the last real "
+                "checkpoint); only the model weights are extrapolated"
+            ],
+        },
+    )
 
 
-def _write_resumable(trajectory: DenseTrajectory, tmp: Path) -> dict[str, Any]:
-    """``resume/checkpoint-N/``: the latest checkpoint with its model weight files replaced."""
-    latest = trajectory.latest
-    target = tmp / RESUME_DIR / latest.folder.name
-    for child in sorted(latest.folder.iterdir()):
-        source = tmp / child.name if child.name in latest.files else child
-        copy_file(source, target / child.name)
-    return {
-        "checkpoint_dir": str(target.relative_to(tmp)),
-        "command": f"trainer.train(resume_from_checkpoint='<out>/{RESUME_DIR}/{latest.folder.name}')",
-        "notes": [
-            f"the resumed run continues at step {latest.step} (optimizer, scheduler, RNG and trainer state of the last real "
-            "checkpoint); only the model weights are extrapolated"
-        ],
-    }
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            copy_file(path, target / path.relative_to(source))
+
+
+#: bytes hashed at the start of a weight file that has no safetensors header (a torch zip's directory is at its end)
+_HASHED_PREFIX = 1 << 20
 
 
 def _header_record(checkpoint: DenseCheckpoint) -> list[dict[str, Any]]:
+    """Per weight file: path, size and the sha256 of its header (safetensors) or first MiB (other files)."""
     out = []
     for name in checkpoint.files:
         path = checkpoint.folder / name
         with path.open("rb") as handle:
-            header = handle.read(checkpoint.header_bytes[name])
+            header = handle.read(checkpoint.header_bytes.get(name, _HASHED_PREFIX))
         out.append({"path": str(path), "size": path.stat().st_size, "header_sha256": hashlib.sha256(header).hexdigest()})
     return out
 
@@ -192,16 +186,14 @@ def run_dense_extrapolate(
         group.close()
 
 
-def _validate(trajectory: DenseTrajectory, request: DenseRequest) -> None:
+def _validate(trajectory: DenseTrajectory, request: DenseRequest) -> DenseResume | None:
     sources = (trajectory.source, *(c.folder for c in trajectory.checkpoints))
     check_output_location(request.out_dir, sources=sources, overwrite=request.overwrite)
-    refusal = _resumable_refusal(trajectory) if request.resumable else None
-    if refusal:
-        raise OutputError(refusal)
+    return reader_of(trajectory).resumable(trajectory) if request.resumable else None
 
 
 def _run(trajectory: DenseTrajectory, group: Group, request: DenseRequest) -> dict[str, Any]:
-    group.main_first(lambda: _validate(trajectory, request))
+    resume = group.main_first(lambda: _validate(trajectory, request))
     stats = collect_stats(trajectory, group.device, request.chunk_bytes, group, progress=request.progress)
     warning = resolution_warning(trajectory, stats)
     if warning and group.is_main:
@@ -218,21 +210,25 @@ def _run(trajectory: DenseTrajectory, group: Group, request: DenseRequest) -> di
     if group.is_main and choice.note:
         LOG.info(choice.note)
     manifest = _manifest(trajectory, choice, warning, request.command, group.world)
-    required = trajectory.total_bytes() * (2 if request.resumable else 1)
+    plan = plan_model_folder(trajectory)
+    job = WriteJob(choice.weights, (plan.target(), *(resume.targets if resume else ())))
+    required = plan.total_bytes + (_folder_bytes(resume.copy_from) if resume else 0)
     writer = AtomicOutputDir(request.out_dir, overwrite=request.overwrite, required_bytes=required) if group.is_main else None
     tmp = group.main_first(writer.__enter__ if writer is not None else Path)  # only rank 0 calls it
     try:
         if group.is_main:
-            _create_weight_files(trajectory.latest, tmp)
-            manifest["copied_files"] = _copy_model_files(trajectory.latest, tmp)
+            plan.create(tmp)
+            manifest["copied_files"] = copy_model_files(trajectory.model_files_dir or trajectory.latest.folder, tmp, plan)
+            if resume is not None:
+                _copy_tree(resume.copy_from, tmp / resume.copy_to)
         group.barrier()
         write_extrapolated_model(
-            trajectory, choice, stats, tmp, group, device=group.device, budget=request.chunk_bytes, progress=request.progress
+            trajectory, [job], stats, tmp, group, device=group.device, budget=request.chunk_bytes, progress=request.progress
         )
         group.barrier()
         if group.is_main:
-            if request.resumable:
-                manifest["resumable"] = _write_resumable(trajectory, tmp)
+            if resume is not None:
+                manifest["resumable"] = resume.info
             write_json(tmp / MANIFEST_NAME, manifest)
     except BaseException as exc:
         if writer is not None:

@@ -6,8 +6,9 @@ budget plus small per-tensor results, whatever the number of checkpoints or the 
 1. :func:`collect_stats`: per tensor, the ``K x K`` temporal Gram of the global deltas
    (float64) and, for 16-bit weights, how many elements did not change between consecutive
    checkpoints (updates below the dtype's resolution are lost).
-2. :func:`write_extrapolated_model`: ``W_last + sum_i w_i (W_i - W_ref)`` per slab, cast to the
-   stored dtype, written at the same byte offsets as the latest checkpoint's files.
+2. :func:`write_extrapolated_model`: ``W_last + sum_i w_i (W_i - W_ref)`` per slab for every
+   :class:`WriteJob`, cast to each target's stored dtype and written at its byte offsets (the
+   output model folder, and the trainer's own files in a ``--resumable`` copy).
 
 Fitting and selection need only the Grams. Under ``torchrun`` each rank reads the tensors
 :func:`~nextoffline.dense.dist.partition` gives it, the Grams are gathered, every rank fits
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nextoffline.dense.dist import Group, partition
-from nextoffline.dense.layout import DenseTrajectory
+from nextoffline.dense.layout import DenseTrajectory, WriteTarget
 from nextoffline.dense.stream import FileHandles, read_into, read_slab, slab_bounds, write_slab
 from nextoffline.errors import NotEnoughCheckpointsError, NumericalError, UsageError
 from nextoffline.loader import BufferPool
@@ -48,6 +49,7 @@ from nextoffline.pipeline import AUTO_MAX_ERROR, BacktestResult, check_holdout, 
 __all__ = [
     "DenseChoice",
     "DenseStats",
+    "WriteJob",
     "collect_stats",
     "dense_auto_candidates",
     "dense_backtest",
@@ -308,38 +310,51 @@ def select_predictor(
 # ---------------------------------------------------------------------------------------- write
 
 
-def _extrapolate_slab(
-    trajectory: DenseTrajectory, handles: FileHandles, key: str, start: int, stop: int, weights: torch.Tensor, work: _Workspace
-) -> torch.Tensor:
-    """``W_last + sum_i w_i (W_i - W_ref)`` on one slab, in the stored dtype of the latest checkpoint."""
-    latest = trajectory.latest
-    entry = latest.entries[key]
-    nonzero = [i for i in range(weights.shape[0]) if float(weights[i]) != 0.0]
+@dataclass(frozen=True)
+class WriteJob:
+    """One extrapolated model: per-tensor weights over the steps (rows in :attr:`DenseStats.keys`
+    order) and the tensors its values are written into (an output model folder, a resume copy ...)."""
+
+    weights: torch.Tensor  # (N, K) float64
+    targets: tuple[WriteTarget, ...]
+
+
+def _extrapolated_slabs(
+    trajectory: DenseTrajectory, handles: FileHandles, key: str, start: int, stop: int, weights: list[torch.Tensor], work: _Workspace
+) -> list[torch.Tensor]:
+    """``W_last + sum_i w_i (W_i - W_ref)`` on one slab for every job's weights ``w`` (float32),
+    reading each checkpoint's slab once whatever the number of jobs."""
     size = stop - start
     raw = work.raw(size)
-    if not entry.dtype.is_floating_point or not nonzero:
-        return read_slab(handles, latest, key, start, stop, raw)
-    slots = work.f32("write", 3, size)
-    out = read_into(handles, latest, key, start, stop, slots[0], raw)
+    slots = work.f32("write", 3 + len(weights), size)
+    latest = read_into(handles, trajectory.latest, key, start, stop, slots[0], raw)
+    outs = [slots[3 + j].copy_(latest) for j in range(len(weights))]
+    used = [i for i in range(len(trajectory.checkpoints)) if any(float(w[i]) != 0.0 for w in weights)]
+    if not used:
+        return outs
     ref = read_into(handles, trajectory.reference, key, start, stop, slots[1], raw)
-    for i in nonzero:
+    for i in used:
         delta = read_into(handles, trajectory.checkpoints[i], key, start, stop, slots[2], raw).sub_(ref)
-        out.add_(delta, alpha=float(weights[i]))
-    stored = out.to(entry.dtype)
-    if not bool(torch.isfinite(stored).all()):
-        raise NumericalError(
-            f"{key}: the extrapolated weights are not finite in {entry.dtype}; lower the coefficient or use another --method"
-        )
+        for out, w in zip(outs, weights, strict=True):
+            if float(w[i]) != 0.0:
+                out.add_(delta, alpha=float(w[i]))
+    return outs
+
+
+def _stored(values: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    stored = values.to(dtype)
+    if dtype.is_floating_point and not bool(torch.isfinite(stored).all()):
+        raise NumericalError(f"{key}: the extrapolated weights are not finite in {dtype}; lower the coefficient or use another --method")
     return stored
 
 
-#: float32 rows the write pass holds per element (latest, reference, one checkpoint) plus staging
-_WRITE_SERIES = 4
+#: float32 rows the write pass holds per element besides one per job (latest, reference, one checkpoint)
+_WRITE_SERIES = 3
 
 
 def write_extrapolated_model(
     trajectory: DenseTrajectory,
-    choice: DenseChoice,
+    jobs: Sequence[WriteJob],
     stats: DenseStats,
     out_dir: Path,
     group: Group,
@@ -348,7 +363,10 @@ def write_extrapolated_model(
     budget: int,
     progress: bool = False,
 ) -> None:
-    """Pass 2: fill this rank's tensors into the output weight files (created beforehand by rank 0)."""
+    """Pass 2: fill this rank's tensors into every job's targets (files under ``out_dir`` created beforehand).
+
+    Each slab of every checkpoint is read once for all jobs; non-float tensors are copied from the latest checkpoint.
+    """
     row = {key: i for i, key in enumerate(stats.keys)}
     k = len(trajectory.checkpoints)
     zero = torch.zeros(k, dtype=torch.float64)
@@ -362,10 +380,17 @@ def write_extrapolated_model(
     ):
         for key in mine:
             entry = trajectory.latest.entries[key]
-            weights = choice.weights[row[key]] if key in row else zero
-            for start, stop in slab_bounds(entry, _WRITE_SERIES, budget):
-                values = _extrapolate_slab(trajectory, reads, key, start, stop, weights, work)
-                write_slab(writes, out_dir / entry.file, entry, start, values)
+            weights = [job.weights[row[key]] if key in row else zero for job in jobs]
+            for start, stop in slab_bounds(entry, _WRITE_SERIES + len(jobs) + 1, budget):
+                if entry.dtype.is_floating_point:
+                    slabs = _extrapolated_slabs(trajectory, reads, key, start, stop, weights, work)
+                else:
+                    slabs = [read_slab(reads, trajectory.latest, key, start, stop, work.raw(stop - start))] * len(jobs)
+                for job, values in zip(jobs, slabs, strict=True):
+                    for target in job.targets:
+                        if key in target.entries:
+                            dest = target.entries[key]
+                            write_slab(writes, out_dir / target.root, dest, start, _stored(values, dest.dtype, key))
             bar.update(1)
 
 

@@ -4,7 +4,9 @@ A tensor is cut into slabs of whole rows (its first dimension) so that the float
 one slab at every step fit the chunk budget; bytes are read with ``os.preadv`` into reused
 buffers (no memory map: the resident set stays bounded by the budget however large the files)
 and written with ``os.pwrite`` at the byte offsets of the output file, so several processes
-can fill one file.
+can fill one file. A tensor's elements may be spread over several files (its
+:class:`~nextoffline.dense.layout.Piece` runs): a slab is gathered from, or scattered to, the
+pieces it overlaps.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from nextoffline.dense.layout import DenseCheckpoint, TensorEntry
+from nextoffline.dense.layout import DenseCheckpoint, Piece, TensorEntry
 from nextoffline.errors import AdapterFileError
 from nextoffline.loader import pread_exact
 from nextoffline.ops.device import to_compute
 
-__all__ = ["FileHandles", "read_compute", "read_into", "read_slab", "slab_bounds", "write_slab"]
+__all__ = ["FileHandles", "overlapping", "read_compute", "read_into", "read_slab", "slab_bounds", "write_slab"]
 
 #: float32 value + float64 Gram copy + stored bytes per element and series (upper bound)
 _BYTES_PER_ELEMENT = 4 + 8 + 4
@@ -63,6 +65,16 @@ class FileHandles:
         self.close()
 
 
+def overlapping(entry: TensorEntry, start: int, stop: int) -> list[tuple[Piece, int, int]]:
+    """The pieces of ``entry`` that hold elements of ``[start, stop)``, each with the overlap ``[lo, hi)``."""
+    out = []
+    for piece in entry.pieces:
+        lo, hi = max(start, piece.start), min(stop, piece.start + piece.numel)
+        if lo < hi:
+            out.append((piece, lo, hi))
+    return out
+
+
 def read_slab(
     handles: FileHandles, checkpoint: DenseCheckpoint, key: str, start: int, stop: int, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -71,11 +83,13 @@ def read_slab(
     ``buffer`` (a flat uint8 tensor, grown when too small) is reused when given.
     """
     entry = checkpoint.entries[key]
-    size = entry.nbytes // max(entry.numel, 1)
+    size = entry.dtype.itemsize
     nbytes = (stop - start) * size
     raw = buffer[:nbytes] if buffer is not None and buffer.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
-    path = checkpoint.folder / entry.file
-    pread_exact(handles.fd(path), memoryview(raw.numpy()), entry.offset + start * size, path)
+    view = memoryview(raw.numpy())
+    for piece, lo, hi in overlapping(entry, start, stop):
+        path = checkpoint.folder / piece.file
+        pread_exact(handles.fd(path), view[(lo - start) * size : (hi - start) * size], piece.offset + (lo - piece.start) * size, path)
     return raw.view(entry.dtype)
 
 
@@ -106,12 +120,13 @@ def read_compute(
     return out.clone() if out.data_ptr() == raw.data_ptr() else out
 
 
-def write_slab(handles: FileHandles, path: Path, entry: TensorEntry, start: int, values: torch.Tensor) -> None:
-    """Write ``values`` (stored dtype, 1-D) at element ``start`` of ``entry`` in ``path``."""
-    data = values.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-    fd = handles.fd(path)
-    offset = entry.offset + start * values.element_size()
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+def write_slab(handles: FileHandles, root: Path, entry: TensorEntry, start: int, values: torch.Tensor) -> None:
+    """Write ``values`` (``entry``'s stored dtype, 1-D) at element ``start`` of ``entry``, whose pieces are under ``root``."""
+    data = memoryview(values.detach().to("cpu").contiguous().view(torch.uint8).numpy())
+    size = values.element_size()
+    for piece, lo, hi in overlapping(entry, start, start + values.numel()):
+        fd = handles.fd(root / piece.file)
+        chunk, offset = data[(lo - start) * size : (hi - start) * size], piece.offset + (lo - piece.start) * size
+        done = 0
+        while done < len(chunk):
+            done += os.pwrite(fd, chunk[done:], offset + done)
