@@ -10,12 +10,13 @@ Two layouts are recognised by probing (documented in ``docs/formats.md``):
 Only safetensors headers are read here; :class:`DenseTrajectory` records, per checkpoint, where
 every tensor's bytes sit (:class:`Piece` runs of its flattened elements, in one file or spread
 over several, as trainers that shard parameters store them), so the pipeline can read row slabs
-of one tensor at a time. Other trainers' layouts plug in as :class:`DenseReader` entries of
-:data:`DENSE_READERS`, tried in order by :func:`load_dense_trajectory`.
+of one tensor at a time. Other trainers' layouts plug in as :class:`DenseReader` modules listed in
+:data:`READER_MODULES`, tried in order by :func:`load_dense_trajectory`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from nextoffline.formats.base import parse_step_dir
 from nextoffline.io.safetensors_header import SAFETENSORS_DTYPES, read_safetensors_header
 
 __all__ = [
-    "DENSE_READERS",
     "INDEX_NAME",
+    "READER_MODULES",
     "SINGLE_NAME",
     "DenseCheckpoint",
     "DenseReader",
@@ -334,14 +335,19 @@ class HFModelFolders:
         return hf_trainer_resume(trajectory)
 
 
-#: Full-parameter layouts, probed in order. Trainer-specific readers go before the HF folders
-#: (other trainers may save HF weights beside their own states).
-DENSE_READERS: list[DenseReader] = [HFModelFolders()]
+#: Modules of trainer-specific full-parameter readers, each exposing ``READER`` (a :class:`DenseReader`);
+#: probed in this order, before the HF folders (other trainers may save HF weights beside their own states).
+READER_MODULES: tuple[str, ...] = ()
+
+
+def dense_readers() -> list[DenseReader]:
+    """Every full-parameter reader, in probing order (imported on first use)."""
+    return [*(importlib.import_module(name).READER for name in READER_MODULES), HFModelFolders()]
 
 
 def reader_of(trajectory: DenseTrajectory) -> DenseReader:
     """The reader that loaded ``trajectory`` (by its ``layout``)."""
-    for reader in DENSE_READERS:
+    for reader in dense_readers():
         if trajectory.layout in reader.layouts:
             return reader
     raise FormatDetectionError(f"{trajectory.source}: no full-parameter reader for layout {trajectory.layout}")
@@ -349,18 +355,18 @@ def reader_of(trajectory: DenseTrajectory) -> DenseReader:
 
 def is_dense_source(root: Path) -> bool:
     """True when any full-parameter reader recognises ``root``."""
-    return root.is_dir() and any(reader.probe(root) for reader in DENSE_READERS)
+    return root.is_dir() and any(reader.probe(root) for reader in dense_readers())
 
 
 def load_dense_trajectory(root: Path, *, base: Path | None = None, source_label: str | None = None, min_steps: int = 3) -> DenseTrajectory:
-    """Probe ``root`` with every :data:`DENSE_READERS` entry and read the checkpoints of the first that fits.
+    """Probe ``root`` with every reader (:func:`dense_readers`) and read the checkpoints of the first that fits.
 
     Raises:
         FormatDetectionError: no reader recognises ``root``.
         NotEnoughCheckpointsError: fewer than ``min_steps`` checkpoints.
         IncompatibleCheckpointsError: checkpoints (or the base) disagree on tensors or shapes.
     """
-    for reader in DENSE_READERS:
+    for reader in dense_readers():
         if root.is_dir() and reader.probe(root):
             return reader.load(root, base=base, source_label=source_label, min_steps=min_steps)
     return _load_hf_folders(root, base=base, source_label=source_label, min_steps=min_steps)  # its error names what is missing
