@@ -11,9 +11,14 @@ that the same code that reads local runs reads unchanged:
   (nesting such as ``global_step_10/actor/lora_adapter/`` is fine), possibly below some folder
   that is found automatically; the run folder is a link to that folder.
 
-Only what reading needs is downloaded (adapter weights and small JSON configs; trainer state
-such as optimizer shards only on request), through ``snapshot_download`` into the normal HF
-cache. The run folder is made of relative symlinks into the cache and lives in
+Probing the repo's file listing (nothing downloaded) tells LoRA from full-parameter
+trajectories: step folders (or step branches) holding ``model.safetensors`` or
+``model-0000i-of-0000n.safetensors`` + index and no ``adapter_config.json`` are whole HF models.
+Only what reading needs is downloaded (LoRA: adapter weights and small JSON configs through
+``snapshot_download``; full-parameter: each step's weights, index, config, generation config and
+tokenizer files through ``hf_hub_download``, one byte progress bar for the whole trajectory;
+trainer state such as optimizer shards only on request) into the normal HF cache, which a
+second run reuses without downloading again. The run folder is made of relative symlinks into the cache and lives in
 ``$HF_HOME/nextoffline/runs/``. The commits each step came from are recorded in
 ``$HF_HOME/nextoffline/sources/`` so that ``HF_HUB_OFFLINE=1`` works from a warm cache, where
 branches cannot be listed.
@@ -26,19 +31,22 @@ Settings (``HF_ENDPOINT``, ``HF_HOME``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ...) a
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import httpx2
-from huggingface_hub import HfApi, RepoFile, constants, parse_hf_uri, snapshot_download
+from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download, parse_hf_uri, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -56,7 +64,17 @@ from nextoffline.artifacts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAMES
 from nextoffline.errors import HubError, SourceNotFoundError
 from nextoffline.formats.base import STEP_DIR
 
-__all__ = ["HubSource", "is_hub_source", "materialize_source", "parse_hub_source", "push_folder"]
+__all__ = [
+    "KIND_FULL",
+    "KIND_LORA",
+    "HubSource",
+    "is_hub_source",
+    "materialize_model",
+    "materialize_source",
+    "parse_hub_source",
+    "push_folder",
+    "source_kind",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -70,6 +88,19 @@ _STEP_BRANCH = STEP_DIR
 _STEP_FOLDER = re.compile(STEP_DIR.pattern + r"(?:_hf)?")
 #: Files holding a step's LoRA weights: PEFT adapters, verl FSDP model shards.
 _WEIGHT_FILE = re.compile("|".join(map(re.escape, ADAPTER_WEIGHTS_NAMES)) + r"|model_world_size_\d+_rank_\d+\.pt")
+
+#: What a trajectory on the Hub holds: LoRA adapters, or whole models (full-parameter training).
+KIND_LORA, KIND_FULL = "lora", "full-parameter"
+#: A whole HF model's safetensors weights: one file, or shards plus their index.
+_MODEL_WEIGHTS = re.compile(r"model(?:-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+#: The same saved as torch pickles, which full-parameter reading refuses with the fix.
+_BIN_WEIGHTS = re.compile(r"pytorch_model(?:-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json")
+#: Besides its weights, what a model folder needs: config, generation config, tokenizer files.
+_MODEL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+#: Trainer state among those (downloaded only with ``include_trainer_state``).
+_TRAINER_JSON = ("trainer_state.json",)
+#: Parallel file downloads of a full-parameter trajectory.
+_MAX_WORKERS = 8
 
 _ADAPTER_FILES = (ADAPTER_CONFIG_NAME, *ADAPTER_WEIGHTS_NAMES, "model_world_size_*_rank_*.pt", "*.json")
 #: Optimizer / scheduler / FSDP / DeepSpeed shards, RNG states, trainer args, ``latest`` trackers, HF configs
@@ -98,6 +129,9 @@ class _Layout:
     on_branches: bool  # True: one step per branch (the names); False: step folders in the one revision
     commits: dict[str, str]
     folder: str
+    kind: str = KIND_LORA
+    #: Full-parameter only: revision name -> [path, size] of every file under ``folder`` (what to download).
+    files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 class _SilentTqdm(hf_tqdm):
@@ -144,15 +178,45 @@ def parse_hub_source(spec: str) -> HubSource:
     return HubSource(repo_id=uri.id, revision=uri.revision, subfolder=uri.path_in_repo.strip("/") or None)
 
 
-def materialize_source(spec: str, *, token: str | None = None, include_trainer_state: bool = False, progress: bool = True) -> Path:
+def source_kind(spec: str, *, token: str | None = None) -> str:
+    """Whether a Hub trajectory holds LoRA adapters or whole models, from its file listing alone.
+
+    Nothing is downloaded; with ``HF_HUB_OFFLINE`` the last online discovery is used.
+
+    Args:
+        spec: ``hf://owner/repo[@revision][/subfolder]``.
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
+
+    Returns:
+        :data:`KIND_LORA` or :data:`KIND_FULL`.
+
+    Raises:
+        HubError: as :func:`materialize_source`, for the listing.
+    """
+    source = parse_hub_source(spec)
+    with _hub_errors(str(source)):
+        return _layout(source, token=token).kind
+
+
+def materialize_source(
+    spec: str,
+    *,
+    token: str | None = None,
+    include_trainer_state: bool = False,
+    progress: bool = True,
+    kind: str | None = None,
+) -> Path:
     """Make a Hub trajectory available as a local run folder and return its path.
 
     Args:
         spec: ``hf://owner/repo[@revision][/subfolder]``.
         token: Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
         include_trainer_state: Also download optimizer, scheduler, RNG and other trainer state
-            (needed to write a resumable checkpoint).
-        progress: Show ``huggingface_hub``'s download progress bars.
+            (needed to write a resumable checkpoint); for full-parameter trajectories, every file
+            of each step folder.
+        progress: Show download progress bars.
+        kind: The kind of trajectory the caller reads (:data:`KIND_LORA` or :data:`KIND_FULL`);
+            another kind is refused. ``None`` accepts what probing finds.
 
     Returns:
         A folder under ``$HF_HOME/nextoffline/runs/`` whose step-named subfolders hold the
@@ -160,7 +224,7 @@ def materialize_source(spec: str, *, token: str | None = None, include_trainer_s
 
     Raises:
         HubError: The repo, revision or subfolder is unknown or not accessible, it holds no
-            steps, the Hub is unreachable, or it is offline with a cold cache.
+            steps (or not of ``kind``), the Hub is unreachable, or it is offline with a cold cache.
 
     Example:
         >>> run = materialize_source("hf://me/grpo-run")  # doctest: +SKIP
@@ -170,14 +234,17 @@ def materialize_source(spec: str, *, token: str | None = None, include_trainer_s
     source = parse_hub_source(spec)
     offline = constants.is_offline_mode()
     with _hub_errors(str(source)):
-        layout = _recorded_layout(source) if offline else _discover(HfApi(token=token), source)
-        patterns = _allow_patterns(layout.folder, include_trainer_state)
-        targets = {
-            name: _download(source, name, commit, layout.folder, patterns, token=token, offline=offline, progress=progress)
-            for name, commit in layout.commits.items()
-        }
-    if not offline:
-        _write_json(_record_path(source), asdict(layout))
+        layout = _layout(source, token=token)
+        if kind is not None and layout.kind != kind:
+            raise HubError(f"{source}: {_KIND_MISMATCH[kind]}")
+        if layout.kind == KIND_FULL:
+            targets = _download_models(source, layout, include_trainer_state, token=token, offline=offline, progress=progress)
+        else:
+            patterns = _allow_patterns(layout.folder, include_trainer_state)
+            targets = {
+                name: _download(source, name, commit, layout.folder, patterns, token=token, offline=offline, progress=progress)
+                for name, commit in layout.commits.items()
+            }
     run = _assemble(source, layout, targets)
     LOG.info(
         "%s: %d revision(s) %s, available at %s",
@@ -187,6 +254,42 @@ def materialize_source(spec: str, *, token: str | None = None, include_trainer_s
         run,
     )
     return run
+
+
+def materialize_model(spec: str, *, token: str | None = None, progress: bool = True) -> Path:
+    """Download one HF model folder of a Hub repo (e.g. the step-0 model, ``--base``) and return it.
+
+    Only the weights (``model.safetensors`` or shards and index), config, generation config and
+    tokenizer files directly in the repo root (or the subfolder) are fetched, into the HF cache;
+    a second call downloads nothing.
+
+    Args:
+        spec: ``hf://owner/repo[@revision][/subfolder]``.
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the stored login.
+        progress: Show the download progress bar.
+
+    Returns:
+        The model folder inside the HF cache's snapshot of that revision.
+
+    Raises:
+        HubError: The repo, revision or subfolder is unknown or not accessible, it holds no
+            safetensors model weights, the Hub is unreachable, or it is offline with a cold cache.
+    """
+    source = parse_hub_source(spec)
+    offline = constants.is_offline_mode()
+    with _hub_errors(str(source)):
+        if offline:
+            layout = _recorded_layout(source, "model")
+        else:
+            api = HfApi(token=token)
+            revision = source.revision or DEFAULT_REVISION
+            commit = _commit_of(api, source, revision)
+            listing = _listing(api, source.repo_id, commit, source.subfolder)
+            layout = _Layout(False, {revision: commit}, source.subfolder or "", KIND_FULL, {revision: listing})
+            _model_folder_files(source, layout.folder, listing)  # refuse a folder without safetensors weights now
+            _write_json(_record_path(source, "model"), asdict(layout))
+        (target,) = _download_models(source, layout, False, token=token, offline=offline, progress=progress, steps=False).values()
+    return target
 
 
 def push_folder(
@@ -236,6 +339,20 @@ def push_folder(
 
 # --------------------------------------------------------------------------- discovery
 
+_KIND_MISMATCH = {
+    KIND_FULL: "holds LoRA adapters (adapter_config.json), not full-parameter checkpoints; drop --full",
+    KIND_LORA: "holds full-parameter checkpoints (whole models), not LoRA adapters",
+}
+
+
+def _layout(source: HubSource, *, token: str | None) -> _Layout:
+    """The trajectory's layout: discovered online (and recorded), or the record when offline."""
+    if constants.is_offline_mode():
+        return _recorded_layout(source)
+    layout = _discover(HfApi(token=token), source)
+    _write_json(_record_path(source), asdict(layout))
+    return layout
+
 
 def _discover(api: HfApi, source: HubSource) -> _Layout:
     """Find the steps online: step branches first, else step folders in one revision."""
@@ -243,37 +360,100 @@ def _discover(api: HfApi, source: HubSource) -> _Layout:
         branches = api.list_repo_refs(source.repo_id).branches
         steps = {ref.name: ref.target_commit for ref in branches if _STEP_BRANCH.fullmatch(ref.name)}
         if steps:
-            return _Layout(on_branches=True, commits=dict(sorted(steps.items())), folder=source.subfolder or "")
+            return _branch_layout(api, source, dict(sorted(steps.items())))
     revision = source.revision or DEFAULT_REVISION
+    commit = _commit_of(api, source, revision)
+    listing = _listing(api, source.repo_id, commit, source.subfolder)
+    kind, folder = _steps_parent([path for path, _ in listing], source)
+    return _Layout(False, {revision: commit}, folder, kind, {revision: listing} if kind == KIND_FULL else {})
+
+
+def _commit_of(api: HfApi, source: HubSource, revision: str) -> str:
     commit = api.repo_info(source.repo_id, revision=revision).sha
     if commit is None:
         raise HubError(f"{source}: the Hub did not report the commit of '{revision}'; check that HF_ENDPOINT is a Hub")
-    entries = api.list_repo_tree(source.repo_id, path_in_repo=source.subfolder, recursive=True, revision=commit)
-    files = [entry.path for entry in entries if isinstance(entry, RepoFile)]
-    return _Layout(on_branches=False, commits={revision: commit}, folder=_steps_parent(files, source))
+    return commit
 
 
-def _steps_parent(files: list[str], source: HubSource) -> str:
-    """The one folder whose step-named subfolders hold adapter weights."""
+def _listing(api: HfApi, repo_id: str, commit: str, folder: str | None) -> list[tuple[str, int]]:
+    """Path and size of every file under ``folder`` (the whole repo for ``None``) at ``commit``."""
+    entries = api.list_repo_tree(repo_id, path_in_repo=folder or None, recursive=True, revision=commit)
+    return [(entry.path, entry.size) for entry in entries if isinstance(entry, RepoFile)]
+
+
+def _branch_layout(api: HfApi, source: HubSource, commits: dict[str, str]) -> _Layout:
+    """Step branches: their kind from the listing of the latest step's branch (all listed when full-parameter)."""
+    folder = source.subfolder or ""
+    latest = max(commits, key=lambda name: int(_STEP_BRANCH.fullmatch(name).group(1)))  # type: ignore[union-attr]
+    listing = _listing(api, source.repo_id, commits[latest], source.subfolder)
+    kind = _branch_kind(source, latest, folder, [path for path, _ in listing])
+    files = {}
+    if kind == KIND_FULL:
+        files = {
+            name: listing if name == latest else _listing(api, source.repo_id, commit, source.subfolder) for name, commit in commits.items()
+        }
+    return _Layout(True, commits, folder, kind, files)
+
+
+def _branch_kind(source: HubSource, branch: str, folder: str, paths: list[str]) -> str:
+    """LoRA when a branch holds adapter files; full-parameter when its folder is a model folder."""
+    prefix = f"{folder}/" if folder else ""
+    names = [path[len(prefix) :] for path in paths]
+    if any(_WEIGHT_FILE.fullmatch(name.rsplit("/", 1)[-1]) for name in names) or ADAPTER_CONFIG_NAME in names:
+        return KIND_LORA
+    if any(_MODEL_WEIGHTS.fullmatch(name) for name in names):
+        return KIND_FULL
+    binaries = [name for name in names if _BIN_WEIGHTS.fullmatch(name)]
+    if binaries:
+        raise HubError(_bin_only(source, f"branch '{branch}'", f"{prefix}{binaries[0]}"))
+    return KIND_LORA  # the download then says that the branch holds no weights
+
+
+def _bin_only(source: HubSource, where: str, path: str) -> str:
+    return (
+        f"{source}: {where} holds only torch pickle weights ({path}); full-parameter trajectories are read from "
+        "safetensors: re-save each checkpoint with save_pretrained(..., safe_serialization=True) and push it again"
+    )
+
+
+def _step_index(parts: list[str], depth: int, pattern: re.Pattern[str]) -> int | None:
+    return next((i for i in range(depth, len(parts) - 1) if pattern.fullmatch(parts[i])), None)
+
+
+def _steps_parent(files: list[str], source: HubSource) -> tuple[str, str]:
+    """The kind of the steps and the one folder whose step-named subfolders hold them.
+
+    LoRA steps are folders with adapter weights at any depth; full-parameter steps are step
+    folders holding model weights directly and no ``adapter_config.json``.
+    """
     depth = len(source.subfolder.split("/")) if source.subfolder else 0
-    parents = set()
+    lora, full, binaries = set(), set(), []
+    adapter_folders = {path.rsplit("/", 1)[0] for path in files if path.endswith(f"/{ADAPTER_CONFIG_NAME}")}
     for path in files:
         parts = path.split("/")
-        if not _WEIGHT_FILE.fullmatch(parts[-1]):
-            continue
-        step_index = next((i for i in range(depth, len(parts) - 1) if _STEP_FOLDER.fullmatch(parts[i])), None)
-        if step_index is not None:
-            parents.add("/".join(parts[:step_index]))
+        if _WEIGHT_FILE.fullmatch(parts[-1]):
+            step_index = _step_index(parts, depth, _STEP_FOLDER)
+            if step_index is not None:
+                lora.add("/".join(parts[:step_index]))
+        elif len(parts) - 2 >= depth and STEP_DIR.fullmatch(parts[-2]) and "/".join(parts[:-1]) not in adapter_folders:
+            if _MODEL_WEIGHTS.fullmatch(parts[-1]):
+                full.add("/".join(parts[:-2]))
+            elif _BIN_WEIGHTS.fullmatch(parts[-1]):
+                binaries.append(path)
+    parents = lora | full
+    if not parents and binaries:
+        raise HubError(_bin_only(source, "its step folders", binaries[0]))
     if not parents:
         branches = "no step branches (step_N, checkpoint-N, ...) and " if source.revision is None else ""
         raise HubError(
-            f"{source}: {branches}no step-named folders holding adapter weights; point at the folder "
+            f"{source}: {branches}no step-named folders holding adapter weights or model.safetensors; point at the folder "
             f"holding checkpoint-N/ folders with {SOURCE_SYNTAX}"
         )
     if len(parents) > 1:
         listed = ", ".join(sorted(p or "/" for p in parents))
         raise HubError(f"{source}: step folders sit under several folders ({listed}); pick one with {SOURCE_SYNTAX}")
-    return parents.pop()
+    parent = parents.pop()
+    return (KIND_LORA if parent in lora else KIND_FULL), parent
 
 
 def _allow_patterns(folder: str, include_trainer_state: bool) -> list[str]:
@@ -305,6 +485,130 @@ def _download(
     return target
 
 
+# --------------------------------------------------------------------------- full-parameter downloads
+
+
+def _is_model_file(name: str, include_trainer_state: bool) -> bool:
+    """A file a model folder needs for reading (weights, index, config, tokenizer), or trainer state on request."""
+    if _MODEL_WEIGHTS.fullmatch(name):
+        return True
+    if name in _TRAINER_JSON:
+        return include_trainer_state
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _MODEL_FILES)
+
+
+def _model_folder_files(source: HubSource, folder: str, listing: list[tuple[str, int]], state: bool = False) -> list[tuple[str, int]]:
+    """The files to fetch of one model folder (``folder`` in the repo); refuses one without safetensors weights."""
+    prefix = f"{folder}/" if folder else ""
+    inside = [(path, size) for path, size in listing if path.startswith(prefix)]
+    direct = [(path, size) for path, size in inside if "/" not in path[len(prefix) :]]
+    if not any(_MODEL_WEIGHTS.fullmatch(path[len(prefix) :]) for path, _ in direct):
+        binaries = [path for path, _ in direct if _BIN_WEIGHTS.fullmatch(path[len(prefix) :])]
+        if binaries:
+            raise HubError(_bin_only(source, f"'{folder or '/'}'", binaries[0]))
+        raise HubError(
+            f"{source}: no model.safetensors or model.safetensors.index.json in '{folder or '/'}'; point at a Hugging Face "
+            f"model folder with {SOURCE_SYNTAX}"
+        )
+    if state:
+        return inside  # everything the trainer may resume from, so the no-silent-loss check sees it
+    return [(path, size) for path, size in direct if _is_model_file(path[len(prefix) :], False)]
+
+
+def _step_model_files(source: HubSource, layout: _Layout, name: str, include_trainer_state: bool, steps: bool) -> list[tuple[str, int]]:
+    """The files to fetch of one revision: its step folders' model files (or the one model folder)."""
+    listing = layout.files.get(name)
+    if listing is None:
+        raise HubError(f"{source}: the local record lacks the file list of '{name}'; run once online to refresh it")
+    if layout.on_branches or not steps:
+        where = f"branch '{name}'" if layout.on_branches else None
+        try:
+            return _model_folder_files(source, layout.folder, listing, include_trainer_state)
+        except HubError as error:
+            if where is None:
+                raise
+            raise HubError(f"{error} ({where}: remove or rename that branch)") from None
+    prefix = f"{layout.folder}/" if layout.folder else ""
+    step_folders = sorted(
+        {
+            path[len(prefix) :].split("/", 1)[0]
+            for path, _ in listing
+            if path.startswith(prefix) and _MODEL_WEIGHTS.fullmatch(path[len(prefix) :].split("/", 1)[-1])
+        }
+    )
+    files = []
+    for step_folder in step_folders:
+        if STEP_DIR.fullmatch(step_folder):
+            files += _model_folder_files(source, f"{prefix}{step_folder}", listing, include_trainer_state)
+    return files
+
+
+class _FileProgress:
+    """One file's progress for ``hf_hub_download`` (passed as its bar class), added to one shared bar."""
+
+    def __init__(self, bar: hf_tqdm, lock: threading.Lock) -> None:
+        self.bar, self.lock, self.count = bar, lock, 0
+
+    def __call__(self, **kwargs: object) -> _FileProgress:
+        """``hf_hub_download`` makes its bar by calling the class it was given."""
+        self.update(kwargs.get("initial") or 0)  # type: ignore[arg-type]
+        return self
+
+    def __enter__(self) -> _FileProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int | float | None = 1) -> None:
+        with self.lock:
+            self.count += int(n or 0)
+            self.bar.update(int(n or 0))
+
+    def close(self) -> None:
+        return None
+
+    def finish(self, size: int) -> None:
+        """Count the whole file (a cached file was never downloaded)."""
+        self.update(size - self.count)
+
+
+def _download_models(
+    source: HubSource,
+    layout: _Layout,
+    include_trainer_state: bool,
+    *,
+    token: str | None,
+    offline: bool,
+    progress: bool,
+    steps: bool = True,
+) -> dict[str, Path]:
+    """Fetch every revision's model files into the HF cache (one byte bar); the folder holding its steps (or model)."""
+    wanted = {name: _step_model_files(source, layout, name, include_trainer_state, steps) for name in layout.commits}
+    total = sum(size for files in wanted.values() for _, size in files)
+    lock = threading.Lock()
+    desc = f"{source}: {sum(map(len, wanted.values()))} files"
+    with hf_tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+
+        def fetch(name: str, path: str, size: int) -> Path:
+            file_progress = _FileProgress(bar, lock)
+            local = hf_hub_download(
+                source.repo_id,
+                filename=path,
+                revision=layout.commits[name],
+                token=token,
+                local_files_only=offline,
+                tqdm_class=file_progress,  # type: ignore[arg-type]  # called like a bar class
+            )
+            file_progress.finish(size)
+            return Path(local).parents[len(path.split("/")) - 1]  # the snapshot folder of that commit
+
+        with ThreadPoolExecutor(max_workers=_MAX_WORKERS) as pool:
+            futures = {name: [pool.submit(fetch, name, path, size) for path, size in files] for name, files in wanted.items()}
+            snapshots = {name: {future.result() for future in group} for name, group in futures.items()}
+    return {name: Path(next(iter(found)), layout.folder) for name, found in snapshots.items() if found}
+
+
 # --------------------------------------------------------------------------- local run folder
 
 
@@ -316,14 +620,15 @@ def _digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _record_path(source: HubSource) -> Path:
-    """Where the last online discovery of ``source`` is kept, for offline use."""
-    name = f"{source.repo_id.replace('/', '--')}--{_digest([source.revision, source.subfolder])}.json"
+def _record_path(source: HubSource, purpose: str = "run") -> Path:
+    """Where the last online discovery of ``source`` (as a run, or as one ``model``) is kept, for offline use."""
+    key = [source.revision, source.subfolder] + ([purpose] if purpose != "run" else [])
+    name = f"{source.repo_id.replace('/', '--')}--{_digest(key)}.json"
     return _nextoffline_home() / "sources" / name
 
 
-def _recorded_layout(source: HubSource) -> _Layout:
-    path = _record_path(source)
+def _recorded_layout(source: HubSource, purpose: str = "run") -> _Layout:
+    path = _record_path(source, purpose)
     if not path.is_file():
         raise HubError(
             f"{source}: not in the local cache and HF_HUB_OFFLINE is set; run once online to fill the cache, or unset HF_HUB_OFFLINE"
@@ -332,9 +637,15 @@ def _recorded_layout(source: HubSource) -> _Layout:
 
 
 def _assemble(source: HubSource, layout: _Layout, targets: dict[str, Path]) -> Path:
-    """Build the run folder from relative symlinks into the cache (replacing an older one atomically)."""
+    """Build the run folder from relative symlinks into the cache, atomically.
+
+    Its name is a digest of the commits and folders it links to, so an existing one is the same
+    and is kept (several ``torchrun`` ranks may assemble it at once).
+    """
     runs = _nextoffline_home() / "runs"
     run = runs / f"{source.repo_id.replace('/', '--')}--{_digest([source.revision, source.subfolder, asdict(layout)])}"
+    if run.exists():
+        return run
     staging = runs / f".{run.name}.{os.getpid()}.tmp"
     _remove(staging)
     runs.mkdir(parents=True, exist_ok=True)
@@ -345,8 +656,13 @@ def _assemble(source: HubSource, layout: _Layout, targets: dict[str, Path]) -> P
     else:
         (target,) = targets.values()
         staging.symlink_to(os.path.relpath(target, runs), target_is_directory=True)
-    _remove(run)
-    os.replace(staging, run)
+    _remove(run)  # a dangling link
+    try:
+        os.replace(staging, run)
+    except OSError:
+        if not run.exists():
+            raise
+        _remove(staging)  # another process assembled it meanwhile
     return run
 
 

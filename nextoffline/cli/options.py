@@ -157,7 +157,7 @@ class FullArgs:
     """The full-parameter options: --full, --base (see :mod:`nextoffline.dense`)."""
 
     full: bool
-    base: Path | None
+    base: str | None  # a model folder or hf://owner/repo[@revision][/subfolder]
 
 
 def _packed(func: Callable[..., Any], into: str, cls: type, names: tuple[str, ...]) -> Callable[..., Any]:
@@ -199,7 +199,9 @@ def full_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = _packed(func, "full_args", FullArgs, ("full", "base"))
     func = click.option("--full", is_flag=True, help="Full-parameter trajectory (default: detected by probing).")(func)
     return click.option(
-        "--base", type=click.Path(path_type=Path), default=None, help="Full-parameter: the step-0 model (default: earliest checkpoint)."
+        "--base",
+        default=None,
+        help="Full-parameter: the step-0 model, a folder or hf://owner/repo[@rev][/sub] (default: earliest checkpoint).",
     )(func)
 
 

@@ -1,7 +1,9 @@
 """CLI glue for full-parameter trajectories (called from :mod:`nextoffline.cli.commands`).
 
 A source is treated as full-parameter when ``--full`` is given or when probing finds
-step-named folders with whole HF models and no LoRA adapter (:func:`~nextoffline.dense.layout.is_dense_source`: any registered layout).
+step-named folders with whole HF models and no LoRA adapter (:func:`~nextoffline.dense.layout.is_dense_source`: any
+registered layout; for ``hf://`` sources the repo's file listing, :func:`nextoffline.hub.source_kind`). Hub
+sources and ``--base hf://...`` are downloaded into the HF cache first (:mod:`nextoffline.hub`).
 """
 
 from __future__ import annotations
@@ -22,24 +24,37 @@ LOG = logging.getLogger(__name__)
 
 def wants_dense(src: SourceArgs, full_args: FullArgs) -> bool:
     """True when the command should take the full-parameter path."""
+    from nextoffline import hub
     from nextoffline.dense.layout import is_dense_source
 
     source = src.source
     if full_args.full:
-        if not source or source.startswith("hf://") or src.adapters:
-            raise UsageError("--full needs a local run folder as SOURCE (hf:// and --adapter are LoRA-only for now)")
+        if not source or src.adapters:
+            raise UsageError("--full needs a run folder or hf://owner/repo[@revision][/subfolder] as SOURCE (--adapter is LoRA-only)")
         return True
-    detected = bool(source) and not source.startswith("hf://") and not src.adapters and is_dense_source(Path(source))
+    detected = False
+    if source and not src.adapters:
+        detected = hub.source_kind(source, token=src.token) == hub.KIND_FULL if hub.is_hub_source(source) else is_dense_source(Path(source))
     if full_args.base is not None and not detected:
         raise UsageError("--base applies to full-parameter trajectories only; add --full (or point at a full-parameter run)")
     return detected
 
 
-def _load(src: SourceArgs, full_args: FullArgs):
+def _load(src: SourceArgs, full_args: FullArgs, *, progress: bool = True, trainer_state: bool = False):
+    """The trajectory (Hub sources and a Hub ``--base`` downloaded first); ``source_label`` is SOURCE as given."""
+    from nextoffline import hub
     from nextoffline.dense.layout import load_dense_trajectory
 
     assert src.source is not None
-    return load_dense_trajectory(Path(src.source), base=full_args.base, source_label=src.source)
+    root = Path(src.source)
+    if hub.is_hub_source(src.source):
+        root = hub.materialize_source(
+            src.source, token=src.token, include_trainer_state=trainer_state, progress=progress, kind=hub.KIND_FULL
+        )
+    base = None if full_args.base is None else Path(full_args.base)
+    if full_args.base is not None and hub.is_hub_source(full_args.base):
+        base = hub.materialize_model(full_args.base, token=src.token, progress=progress)
+    return load_dense_trajectory(root, base=base, source_label=src.source)
 
 
 def _stats(trajectory, compute: ComputeArgs, progress: bool):
@@ -76,7 +91,7 @@ def dense_inspect_cmd(src: SourceArgs, full_args: FullArgs, compute: ComputeArgs
     from nextoffline.dense.pipeline import dense_inspect, rank1_energy
     from nextoffline.ops.device import resolve_device
 
-    trajectory = _load(src, full_args)
+    trajectory = _load(src, full_args, progress=progress)
     rank1 = rank1_energy(trajectory, resolve_device(compute.device), compute.chunk_mb * 2**20)
     report = dense_inspect(trajectory, _stats(trajectory, compute, progress), rank1)
     echo_json(report) if as_json else click.echo(_render_inspect(report))
@@ -89,7 +104,7 @@ def dense_backtest_cmd(
     from nextoffline.cli.render import render_backtest
     from nextoffline.dense.pipeline import dense_auto_candidates, dense_backtest
 
-    trajectory = _load(src, full_args)
+    trajectory = _load(src, full_args, progress=progress)
     names = [m.strip() for m in methods.split(",")] if methods else dense_auto_candidates(len(trajectory.checkpoints) - holdout)
     result = dense_backtest(trajectory, _stats(trajectory, compute, progress), names, holdout=holdout)
     echo_json(result.to_json()) if as_json else click.echo(render_backtest(result))
@@ -103,7 +118,7 @@ def dense_extrapolate_cmd(src: SourceArgs, full_args: FullArgs, compute: Compute
     from nextoffline.dense.output import run_dense_extrapolate
     from nextoffline.ops.device import resolve_device
 
-    trajectory = _load(src, full_args)
+    trajectory = _load(src, full_args, progress=options.get("progress", True), trainer_state=options.get("resumable", False))
     summary = run_dense_extrapolate(trajectory, device=resolve_device(compute.device), chunk_bytes=compute.chunk_mb * 2**20, **options)
     if int(os.environ.get("RANK", "0")) != 0:
         return
