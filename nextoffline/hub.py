@@ -406,6 +406,13 @@ def _branch_kind(source: HubSource, branch: str, folder: str, paths: list[str]) 
     binaries = [name for name in names if _BIN_WEIGHTS.fullmatch(name)]
     if binaries:
         raise HubError(_bin_only(source, f"branch '{branch}'", f"{prefix}{binaries[0]}"))
+    nested = sorted({name.rsplit("/", 1)[0] for name in names if "/" in name and _MODEL_WEIGHTS.fullmatch(name.rsplit("/", 1)[1])})
+    if nested:
+        where = f"{prefix}{nested[0]}"
+        raise HubError(
+            f"{source}: branch '{branch}' holds its model in '{where}', not in '{folder or '/'}'; "
+            f"point at it with hf://{source.repo_id}/{where}"
+        )
     return KIND_LORA  # the download then says that the branch holds no weights
 
 

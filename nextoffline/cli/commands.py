@@ -233,16 +233,20 @@ def extrapolate_cmd(
 @click.option("--commit-message", default=None, help="Commit message (default names the source and predictor).")
 @common_options
 def push_cmd(folder: Path, repo_id, branch, private, token, commit_message, common: Common) -> None:
-    """Upload an extrapolated adapter folder to the Hugging Face Hub in one commit; print its URL."""
+    """Upload an extrapolated adapter or full-parameter model folder to the Hugging Face Hub in one commit; print its URL."""
     from nextoffline import hub
     from nextoffline.artifacts import ADAPTER_WEIGHTS_NAME, MANIFEST_NAME, is_output_folder, read_manifest
+    from nextoffline.dense.commands import dense_push_message
     from nextoffline.errors import OutputError
 
-    if not is_output_folder(folder):
+    dense_message = dense_push_message(folder)  # full-parameter hook
+    if dense_message is None and not is_output_folder(folder):
         raise OutputError(
-            f"{folder}: not an extrapolated adapter folder ({ADAPTER_WEIGHTS_NAME} and {MANIFEST_NAME} expected); "
-            "pass the --out folder of `nextoffline extrapolate`"
+            f"{folder}: not an extrapolated adapter or model folder ({ADAPTER_WEIGHTS_NAME} or model*.safetensors, and "
+            f"{MANIFEST_NAME} expected); pass the --out folder of `nextoffline extrapolate`"
         )
+    if commit_message is None and dense_message is not None:
+        commit_message = dense_message
     if commit_message is None:
         manifest = read_manifest(folder)
         commit_message = (

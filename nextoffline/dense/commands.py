@@ -17,7 +17,7 @@ import click
 from nextoffline.cli.options import ComputeArgs, FullArgs, SourceArgs
 from nextoffline.errors import UsageError
 
-__all__ = ["dense_backtest_cmd", "dense_extrapolate_cmd", "dense_inspect_cmd", "wants_dense"]
+__all__ = ["dense_backtest_cmd", "dense_extrapolate_cmd", "dense_inspect_cmd", "dense_push_message", "wants_dense"]
 
 LOG = logging.getLogger(__name__)
 
@@ -136,3 +136,33 @@ def dense_extrapolate_cmd(src: SourceArgs, full_args: FullArgs, compute: Compute
     if "resumable" in summary:
         lines.append(f"resume: {summary['resumable']['command'].replace('<out>', summary['out'])}")
     click.echo("\n".join(lines))
+
+
+def dense_push_message(folder: Path) -> str | None:
+    """The commit message for pushing a full-parameter ``extrapolate`` output, ``None`` for any other folder.
+
+    A full-parameter output is an HF model folder (``model.safetensors`` or an index) with a
+    ``nextoffline.json`` of kind ``full-parameter``.
+    """
+    import json
+
+    from nextoffline.artifacts import MANIFEST_NAME
+    from nextoffline.dense.layout import INDEX_NAME, SINGLE_NAME
+    from nextoffline.errors import OutputError
+
+    path = folder / MANIFEST_NAME
+    if not path.is_file() or not ((folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file()):
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: not a nextoffline manifest ({type(exc).__name__}); re-run `nextoffline extrapolate`") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "full-parameter":
+        return None
+    label = (manifest.get("source") or {}).get("label", folder.name)
+    extrapolation = manifest.get("extrapolation") or {}
+    method, target = extrapolation.get("method", "none"), extrapolation.get("target_step")
+    if method == "none":
+        return f"nextoffline: latest weights of {label} (full-parameter; no predictor beat stopping)"
+    at = f" to step {target:g}" if isinstance(target, (int, float)) else ""
+    return f"nextoffline: {method} extrapolation of {label}{at} (full-parameter)"
