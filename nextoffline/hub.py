@@ -5,11 +5,12 @@ that the same code that reads local runs reads unchanged:
 
 * **steps on branches**: when no revision is given and the repo has branches named like step
   folders (``step_N``, ``step-N``, ``checkpoint-N``, ``global_step_N``, ``global_stepN``,
-  ``iter_N``), each branch holds one step's adapter (at its root or under the subfolder); the
-  run folder gets one ``<branch>/`` link per branch.
+  ``iter_N``), each branch holds one step's adapter or whole model (at its root or under the
+  subfolder); the run folder gets one ``<branch>/`` link per branch.
 * **steps in folders**: otherwise, one revision (default ``main``) holds step-named folders
-  (nesting such as ``global_step_10/actor/lora_adapter/`` is fine), possibly below some folder
-  that is found automatically; the run folder is a link to that folder.
+  (nesting such as ``global_step_10/actor/lora_adapter/`` is fine for adapters; a whole model
+  sits directly in its step folder), possibly below some folder that is found automatically;
+  the run folder is a link to that folder.
 
 Probing the repo's file listing (nothing downloaded) tells LoRA from full-parameter
 trajectories: step folders (or step branches) holding ``model.safetensors`` or
@@ -18,8 +19,9 @@ Only what reading needs is downloaded (LoRA: adapter weights and small JSON conf
 ``snapshot_download``; full-parameter: each step's weights, index, config, generation config and
 tokenizer files through ``hf_hub_download``, one byte progress bar for the whole trajectory;
 trainer state such as optimizer shards only on request) into the normal HF cache, which a
-second run reuses without downloading again. The run folder is made of relative symlinks into the cache and lives in
-``$HF_HOME/nextoffline/runs/``. The commits each step came from are recorded in
+second run reuses without downloading again. The run folder is made of relative symlinks into
+the cache and lives in ``$HF_HOME/nextoffline/runs/``. The commits each step came from (and,
+for whole models, the file lists) are recorded in
 ``$HF_HOME/nextoffline/sources/`` so that ``HF_HUB_OFFLINE=1`` works from a warm cache, where
 branches cannot be listed.
 
@@ -612,7 +614,11 @@ def _download_models(
 
         with ThreadPoolExecutor(max_workers=_MAX_WORKERS) as pool:
             futures = {name: [pool.submit(fetch, name, path, size) for path, size in files] for name, files in wanted.items()}
-            snapshots = {name: {future.result() for future in group} for name, group in futures.items()}
+            try:
+                snapshots = {name: {future.result() for future in group} for name, group in futures.items()}
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # one failure (or Ctrl-C) stops the queued downloads
+                raise
     return {name: Path(next(iter(found)), layout.folder) for name, found in snapshots.items() if found}
 
 

@@ -128,6 +128,26 @@ def test_hub_layouts_extrapolate_to_the_local_runs_bytes(tmp_path: Path, hub_env
     assert report.pop("source") == spec and {k: v for k, v in expected.items() if k != "source"} == report
 
 
+def test_sharded_step_folders_at_the_repo_root(tmp_path: Path, hub_env, repos) -> None:
+    """bf16 shards + index in ``step_N/`` at the root of main: the same shards as the local run."""
+    from tests.test_fullparam import write_model_run
+
+    local = write_model_run(tmp_path / "run", law="sqrt", dtype=torch.bfloat16, shard="10KB", steps=range(10, 50, 10))
+    repo = f"{repos['folders']}-sharded"
+    api = HfApi(token=hub_env.token)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=local, commit_message="sharded run")
+    outputs = {}
+    for name, source in (("local", local), ("hub", f"hf://{repo}")):
+        outputs[name] = tmp_path / f"out_{name}"
+        code, output = cli("extrapolate", source, "--coef", 1, "--method", "linear", "--chunk-mb", 1, "--out", outputs[name])
+        assert code == 0, output
+    weights = sorted(p.name for p in outputs["local"].glob("model*.safetensors*"))
+    assert len(weights) > 2 and weights == sorted(p.name for p in outputs["hub"].glob("model*.safetensors*"))
+    for name in weights:
+        assert (outputs["hub"] / name).read_bytes() == (outputs["local"] / name).read_bytes(), name
+
+
 def test_only_what_reading_needs_is_downloaded_once(tmp_path: Path, hub_env, repos, downloads) -> None:
     spec = f"hf://{repos['folders']}/runs"
     code, output = cli("backtest", spec, "--methods", "linear,power", "--json")
