@@ -391,10 +391,18 @@ def _branch_layout(api: HfApi, source: HubSource, commits: dict[str, str]) -> _L
     kind = _branch_kind(source, latest, folder, [path for path, _ in listing])
     files = {}
     if kind == KIND_FULL:
-        files = {
-            name: listing if name == latest else _listing(api, source.repo_id, commit, source.subfolder) for name, commit in commits.items()
-        }
+        files = {name: listing if name == latest else _branch_listing(api, source, name, commit) for name, commit in commits.items()}
     return _Layout(True, commits, folder, kind, files)
+
+
+def _branch_listing(api: HfApi, source: HubSource, branch: str, commit: str) -> list[tuple[str, int]]:
+    """One step branch's listing; a branch without the subfolder is named."""
+    try:
+        return _listing(api, source.repo_id, commit, source.subfolder)
+    except EntryNotFoundError:
+        raise HubError(
+            f"{source}: branch '{branch}' has no folder '{source.subfolder}'; remove or rename that branch, or point at the right folder"
+        ) from None
 
 
 def _branch_kind(source: HubSource, branch: str, folder: str, paths: list[str]) -> str:

@@ -195,7 +195,15 @@ def test_base_from_the_hub_equals_the_local_base(tmp_path: Path, hub_env, repos,
 
 def test_hub_errors_name_the_repo_and_the_fix(hub_env, repos, gated_repo) -> None:
     folders, branches, lora, token = repos["folders"], repos["branches"], repos["lora"], hub_env.token
+    broken = f"{branches}-broken"  # step branches, one of them without the model/ folder
+    api = HfApi(token=token)
+    api.create_repo(broken)
+    for step in (5, 10, 20):
+        api.create_branch(broken, branch=f"checkpoint-{step}")
+        if step > 5:
+            api.upload_folder(repo_id=broken, folder_path=RUN / f"checkpoint-{step}", path_in_repo="model", revision=f"checkpoint-{step}")
     cases = [
+        (("inspect", f"hf://{broken}/model"), token, "branch 'checkpoint-5' has no folder 'model'; remove or rename that branch"),
         (("inspect", f"hf://{folders}-missing"), token, f"hf://{folders}-missing: repository not found"),
         (("inspect", f"hf://{folders}@no-such-branch"), token, "revision not found"),
         (("inspect", f"hf://{folders}/no/such/folder"), token, "no such file or folder"),
