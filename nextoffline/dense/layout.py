@@ -337,7 +337,7 @@ class HFModelFolders:
 
 #: Modules of trainer-specific full-parameter readers, each exposing ``READER`` (a :class:`DenseReader`);
 #: probed in this order, before the HF folders (other trainers may save HF weights beside their own states).
-READER_MODULES: tuple[str, ...] = ()
+READER_MODULES: tuple[str, ...] = ("nextoffline.dense.verl_fsdp",)
 
 
 def dense_readers() -> list[DenseReader]:

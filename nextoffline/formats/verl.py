@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +36,15 @@ from nextoffline.io.safetensors_header import read_safetensors_header
 from nextoffline.io.torch_zip import Opaque, SubclassRef, TensorRef, patch_tensors, read_structure, read_tensors, state_of
 from nextoffline.types import ResumeInfo, StepRef
 
-__all__ = ["VerlFormat", "adapter_config_from_shards", "is_verl_model_shard", "load_lora_state", "model_shards"]
+__all__ = [
+    "ShardEntry",
+    "VerlFormat",
+    "adapter_config_from_shards",
+    "is_verl_model_shard",
+    "load_lora_state",
+    "model_shards",
+    "shard_tensors",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -84,8 +92,8 @@ def model_shards(actor_dir: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class _ShardEntry:
-    """One LoRA parameter as stored in one rank's shard file."""
+class ShardEntry:
+    """One parameter as stored in one rank's shard file (a DTensor's local block, or a plain tensor)."""
 
     state_key: str
     ref: TensorRef
@@ -155,19 +163,23 @@ def _local_bounds(
     return tuple(bounds)
 
 
-def _shard_entries(path: Path, rank: int) -> dict[str, _ShardEntry]:
-    """The LoRA parameters of one rank's shard, keyed by their PEFT name (no tensor data read)."""
+def _shard_entries(path: Path, rank: int, name_of: Callable[[str], str | None] = peft_key) -> dict[str, ShardEntry]:
+    """The LoRA parameters of one rank's shard, keyed by their PEFT name (no tensor data read).
+
+    ``name_of`` maps a state-dict key to the name to keep it under (``None``: skip it); the
+    full-parameter reader keeps every key under its own name.
+    """
     state = read_structure(path)
     if not isinstance(state, dict):
         raise AdapterFileError(f"{path}: expected a state dict, found {type(state).__name__}; re-save with the trainer")
-    entries: dict[str, _ShardEntry] = {}
+    entries: dict[str, ShardEntry] = {}
     meshes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # the pickle shares one mesh object
     for key, value in state.items():
-        name = peft_key(str(key))
+        name = name_of(str(key))
         if name is None:
             continue
         if isinstance(value, TensorRef):  # unsharded (world size 1 without a mesh)
-            entry = _ShardEntry(key, value, value.size, tuple((0, s) for s in value.size))
+            entry = ShardEntry(key, value, value.size, tuple((0, s) for s in value.size))
         elif isinstance(value, SubclassRef) and value.cls_path.endswith("DTensor"):
             spec = state_of(value.state.get("_spec"))
             placements = _placements(path, key, spec)
@@ -177,7 +189,7 @@ def _shard_entries(path: Path, rank: int) -> dict[str, _ShardEntry]:
             mesh_shape, coordinate = meshes[id(mesh)]
             global_shape = tuple(int(s) for s in value.shell.size)
             bounds = _local_bounds(global_shape, mesh_shape, placements, coordinate)
-            entry = _ShardEntry(key, value.state["_local_tensor"], global_shape, bounds)
+            entry = ShardEntry(key, value.state["_local_tensor"], global_shape, bounds)
         else:
             raise AdapterFileError(
                 f"{path}: {key} is a {type(value).__name__}, not a tensor or DTensor; re-save with FSDP SHARDED_STATE_DICT"
@@ -192,7 +204,13 @@ def _shard_entries(path: Path, rank: int) -> dict[str, _ShardEntry]:
     return entries
 
 
-def _block(entry: _ShardEntry, full: torch.Tensor) -> torch.Tensor:
+def shard_tensors(path: Path, rank: int) -> dict[str, ShardEntry]:
+    """Every tensor of one rank's ``model_world_size_W_rank_R.pt`` under its state-dict key: the
+    stored local tensor, the global shape and the local block's bounds (only the pickle is read)."""
+    return _shard_entries(path, rank, name_of=lambda key: key)
+
+
+def _block(entry: ShardEntry, full: torch.Tensor) -> torch.Tensor:
     index = tuple(slice(lo, hi) for lo, hi in entry.bounds)
     return full[index]
 
@@ -426,7 +444,7 @@ class VerlFormat:
         return ResumeInfo(checkpoint_dir=target, command=_resume_command(target), notes=_notes(latest.step, len(shards)))
 
 
-def _write_shard(source: Path, dest: Path, entries: dict[str, _ShardEntry], new: dict[str, torch.Tensor]) -> None:
+def _write_shard(source: Path, dest: Path, entries: dict[str, ShardEntry], new: dict[str, torch.Tensor]) -> None:
     """Copy one rank's shard, replacing each LoRA block in place (a plain copy when nothing changes)."""
     names = list(entries)
     current = read_tensors(source, [entries[n].ref for n in names])

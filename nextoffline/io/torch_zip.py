@@ -32,7 +32,18 @@ import torch
 
 from nextoffline.errors import AdapterFileError
 
-__all__ = ["Opaque", "StorageRef", "SubclassRef", "TensorRef", "patch_tensors", "read_structure", "read_tensor", "read_tensors", "state_of"]
+__all__ = [
+    "Opaque",
+    "StorageRef",
+    "SubclassRef",
+    "TensorRef",
+    "patch_tensors",
+    "read_structure",
+    "read_tensor",
+    "read_tensors",
+    "state_of",
+    "storage_spans",
+]
 
 _FIX = "re-save this checkpoint with the trainer, or point at an intact run folder"
 
@@ -245,6 +256,16 @@ def _zip_records(path: Path) -> tuple[str, dict[str, _Record]]:
     if len(pickles) != 1:
         raise AdapterFileError(f"{path}: not a torch.save checkpoint (no single data.pkl); {_FIX}")
     return pickles[0][: -len("data.pkl")], records
+
+
+def storage_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Byte position and length of every storage record's data in the file, by storage key
+    (a :class:`TensorRef`'s values start at ``position + ref.offset * itemsize``)."""
+    prefix, records = _zip_records(path)
+    base = f"{prefix}data/"
+    return {
+        name[len(base) :]: (r.data_start, r.size) for name, r in records.items() if name.startswith(base) and "/" not in name[len(base) :]
+    }
 
 
 def read_structure(path: Path) -> Any:
