@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from nextoffline.cli import main
 from nextoffline.dense.layout import is_dense_source, load_dense_trajectory
 from nextoffline.dense.stream import FileHandles, read_slab
-from nextoffline.dense.verl_fsdp import block_pieces
+from nextoffline.dense.verl_fsdp import block_pieces, read_step
 from nextoffline.formats.verl import ShardEntry
 from nextoffline.io.torch_zip import StorageRef, TensorRef
 from tests.conftest import FIXTURES, REPO, tree_hashes
@@ -84,7 +84,7 @@ def test_reading_equals_the_gathered_weights() -> None:
     assert pieces["lm_head.weight"] == 3  # Shard(0) of 17 rows: 6, 6, 5
 
 
-@pytest.mark.parametrize(("shape", "dim"), [((5, 6), 0), ((5, 6), 1), ((3,), 0), ((2, 3, 4), 1)])
+@pytest.mark.parametrize(("shape", "dim"), [((5, 6), 0), ((5, 6), 1), ((3,), 0), ((2, 3, 4), 1), ((1, 4), 0)])
 def test_block_pieces_tile_uneven_and_empty_chunks(shape: tuple[int, ...], dim: int) -> None:
     world = 4
     full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
@@ -104,6 +104,28 @@ def test_block_pieces_tile_uneven_and_empty_chunks(shape: tuple[int, ...], dim: 
         flat[piece.start : piece.start + piece.numel] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
     assert torch.equal(flat.reshape(shape), full)
     assert sum(p.numel for p in pieces) == full.numel()
+
+
+def test_single_rank_plain_tensors_and_replicated_buffers(tmp_path: Path) -> None:
+    """World size 1 (plain tensors, one piece each; a tied alias dropped), and a tensor every rank saves
+    whole (read once, rewritten in every file)."""
+    for step in (1, 2, 3):
+        actor = tmp_path / "w1" / f"global_step_{step}" / "actor"
+        actor.mkdir(parents=True)
+        w = torch.full((4, 3), float(step))
+        torch.save({"w": w, "b": torch.arange(3.0) * step, "tied": w}, actor / "model_world_size_1_rank_0.pt")
+    trajectory = load_dense_trajectory(tmp_path / "w1")  # "tied" shares w's storage: dropped, as save_pretrained drops tied weights
+    assert trajectory.layout == "verl-fsdp" and trajectory.output_dtypes == {"w": torch.bfloat16, "b": torch.bfloat16}
+    with FileHandles() as handles:
+        assert torch.equal(read_slab(handles, trajectory.latest, "b", 0, 3), torch.arange(3.0) * 3)
+    for step in (1, 2, 3):
+        actor = tmp_path / "w2" / f"global_step_{step}" / "actor"
+        actor.mkdir(parents=True)
+        for rank in range(2):
+            torch.save({"buf": torch.arange(5.0) + step}, actor / f"model_world_size_2_rank_{rank}.pt")
+    checkpoint, copies = read_step(3, tmp_path / "w2" / "global_step_3")
+    assert [p.file for p in checkpoint.entries["buf"].pieces] == ["actor/model_world_size_2_rank_0.pt"]
+    assert [p.file for c in copies["buf"] for p in c.pieces] == ["actor/model_world_size_2_rank_1.pt"]
 
 
 # ------------------------------------------------------------------------------------ extrapolate

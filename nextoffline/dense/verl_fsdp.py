@@ -51,7 +51,7 @@ from nextoffline.errors import AdapterFileError, FormatDetectionError, OutputErr
 from nextoffline.formats.lora_keys import peft_key
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.formats.verl import LEGACY_ADAPTER_DIR, LORA_META_NAME, ShardEntry, model_shards, shard_tensors
-from nextoffline.io.torch_zip import storage_spans
+from nextoffline.io.torch_zip import read_structure, storage_spans
 
 __all__ = ["READER", "VerlFSDPReader", "block_pieces", "read_step"]
 
@@ -91,11 +91,12 @@ def _lora_markers(actor: Path) -> bool:
 
 
 def _holds_lora(shard: Path) -> bool | None:
-    """True when the shard's state dict has LoRA keys; None when it cannot be parsed."""
+    """True when the shard's state dict has LoRA keys; None when it cannot be parsed (only the pickle is read)."""
     try:
-        return any(peft_key(key) is not None for key in shard_tensors(shard, 0))
+        state = read_structure(shard)
     except AdapterFileError:
         return None
+    return any(peft_key(str(key)) is not None for key in state) if isinstance(state, dict) else None
 
 
 # --------------------------------------------------------------------------------- shard pieces
@@ -184,7 +185,7 @@ def _assemble(folder: Path, key: str, blocks: list[tuple[Path, ShardEntry, list[
         copies = [TensorEntry(key, dtype, shape, tuple(p)) for _s, _e, p in blocks]
         return copies[0], copies[1:]
     pieces = sorted((p for _s, _e, ps in blocks for p in ps), key=lambda p: p.start)
-    if whole or any(a.start + a.numel > b.start for a, b in pairwise(pieces)):
+    if any(a.start + a.numel > b.start for a, b in pairwise(pieces)):
         raise AdapterFileError(
             f"{folder / 'actor'}: several ranks hold the same elements of {key} (HSDP replicas or tensor parallelism); "
             "only FSDP over a 1-D mesh (ZeRO-3 style sharding, one copy of every element) is supported"
@@ -211,10 +212,16 @@ def read_step(step: int, folder: Path) -> tuple[DenseCheckpoint, dict[str, list[
         name = shard.relative_to(folder).as_posix()
         for key, entry in entries.items():
             per_key.setdefault(key, []).append((shard, entry, block_pieces(name, _position(shard, entry, spans), entry)))
-    entries, copies = {}, {}
+    entries, copies, first_of = {}, {}, {}
     for key, blocks in per_key.items():
-        entries[key], copies[key] = _assemble(folder, key, blocks)
+        entry, extra = _assemble(folder, key, blocks)
+        alias = first_of.setdefault((entry.pieces, entry.shape), key) if entry.pieces else key
+        if alias != key:  # tied weights (lm_head = embed_tokens) share one storage: keep the first key, as save_pretrained does
+            LOG.debug("%s: %s is tied to %s", folder, key, alias)
+            continue
+        entries[key], copies[key] = entry, extra
     files = tuple(s.relative_to(folder).as_posix() for s in shards)
+    LOG.debug("%s: %d tensors in %d rank files", folder, len(entries), len(shards))
     return DenseCheckpoint(step=step, folder=folder, entries=entries, files=files), {k: v for k, v in copies.items() if v}
 
 
