@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,20 @@ def test_single_rank_plain_tensors_and_replicated_buffers(tmp_path: Path) -> Non
     assert [p.file for c in copies["buf"] for p in c.pieces] == ["actor/model_world_size_2_rank_1.pt"]
 
 
+def test_ranks_holding_the_same_elements_are_refused_by_name() -> None:
+    """HSDP (replicas over a 2-D mesh) or tensor parallelism: two ranks' blocks overlap."""
+    from nextoffline.dense.verl_fsdp import _assemble
+    from nextoffline.errors import AdapterFileError
+
+    blocks = []
+    for rank in range(2):  # both ranks hold rows [0, 2) of a (4, 3) tensor
+        ref = TensorRef(StorageRef("0", torch.float32, 6), 0, (2, 3), (3, 1))
+        entry = ShardEntry("w", ref, (4, 3), ((0, 2), (0, 3)))
+        blocks.append((Path(f"r{rank}.pt"), entry, block_pieces(f"r{rank}.pt", 0, entry)))
+    with pytest.raises(AdapterFileError, match="several ranks hold the same elements of w .HSDP"):
+        _assemble(Path("global_step_1"), "w", blocks)
+
+
 # ------------------------------------------------------------------------------------ extrapolate
 
 
@@ -161,6 +176,9 @@ def test_resumable_is_loaded_by_fsdp2_with_the_extrapolated_weights(outputs: dic
     assert f"trainer.resume_from_path={resume}" in outputs["verl"].output
     for name in [f"actor/{kind}_world_size_3_rank_{r}.pt" for kind in ("optim", "extra_state") for r in range(3)] + ["data.pt"]:
         assert (resume / name).read_bytes() == (LATEST / name).read_bytes(), name
+    for rank in range(3):  # bytes written in place, CRCs refreshed: a valid zip for any reader
+        with zipfile.ZipFile(resume / "actor" / f"model_world_size_3_rank_{rank}.pt") as archive:
+            assert archive.testzip() is None
     exported = load_file(resume / "actor" / "huggingface" / "model.safetensors")
     expected = load_file(out / "model.safetensors")
     assert all(torch.equal(exported[k], expected[k]) for k in expected)

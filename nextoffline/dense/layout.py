@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -177,12 +178,15 @@ class DenseResume:
     ``copy_to`` (relative to the output folder); the write pass then writes the extrapolated
     values into every ``targets`` entry of the copy (weights, and fp32 masters where the trainer
     keeps them). ``info`` goes to the manifest (``checkpoint_dir``, ``command``, ``notes``).
+    ``finalize`` (optional) runs once on the written copy's folder after the write pass (e.g. to
+    refresh the CRCs of torch zip files whose tensor bytes were overwritten in place).
     """
 
     copy_from: Path
     copy_to: str
     targets: list[WriteTarget]
     info: dict[str, Any]
+    finalize: Callable[[Path], None] | None = None
 
 
 class DenseReader(Protocol):

@@ -228,6 +228,8 @@ def _run(trajectory: DenseTrajectory, group: Group, request: DenseRequest) -> di
         group.barrier()
         if group.is_main:
             if resume is not None:
+                if resume.finalize is not None:
+                    resume.finalize(tmp / resume.copy_to)
                 manifest["resumable"] = resume.info
             write_json(tmp / MANIFEST_NAME, manifest)
     except BaseException as exc:

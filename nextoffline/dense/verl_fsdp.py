@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from nextoffline.errors import AdapterFileError, FormatDetectionError, OutputErr
 from nextoffline.formats.lora_keys import peft_key
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.formats.verl import LEGACY_ADAPTER_DIR, LORA_META_NAME, ShardEntry, model_shards, shard_tensors
-from nextoffline.io.torch_zip import read_structure, storage_spans
+from nextoffline.io.torch_zip import read_structure, refresh_crcs, storage_spans
 
 __all__ = ["READER", "VerlFSDPReader", "block_pieces", "read_step"]
 
@@ -330,6 +331,7 @@ class VerlFSDPReader:
         )
         world = len(checkpoint.files)
         return DenseResume(
+            finalize=partial(_refresh_shards, checkpoint.files),
             copy_from=folder,
             copy_to=target,
             targets=targets,
@@ -347,6 +349,12 @@ class VerlFSDPReader:
                 ],
             },
         )
+
+
+def _refresh_shards(files: tuple[str, ...], copy: Path) -> None:
+    """The rank files' zip CRCs after their parameter bytes were overwritten in place."""
+    for name in files:
+        refresh_crcs(copy / name)
 
 
 def _check_export(folder: Path, exported: DenseCheckpoint, shards: DenseCheckpoint) -> None:

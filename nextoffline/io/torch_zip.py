@@ -336,6 +336,18 @@ def _crc(handle: Any, record: _Record) -> int:
     return crc
 
 
+def refresh_crcs(path: Path) -> None:
+    """Recompute the CRC-32 of every member of ``path`` after tensor bytes were written into it in place
+    (as :func:`patch_tensors` does for the records it changes), so the archive stays valid for zip tools."""
+    _prefix, records = _zip_records(path)
+    with path.open("r+b") as handle:
+        for record in records.values():
+            crc = struct.pack("<I", _crc(handle, record))
+            for position in record.crc_fields:
+                handle.seek(position)
+                handle.write(crc)
+
+
 def patch_tensors(src: Path, dst: Path, updates: Iterable[tuple[TensorRef, torch.Tensor]]) -> None:
     """Copy ``src`` to ``dst`` and overwrite the given tensors' values inside ``dst``.
 
