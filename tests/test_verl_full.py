@@ -22,7 +22,8 @@ from nextoffline.cli import main
 from nextoffline.dense.layout import is_dense_source, load_dense_trajectory
 from nextoffline.dense.stream import FileHandles, read_slab
 from nextoffline.dense.verl_fsdp import block_pieces, read_step
-from nextoffline.formats.verl import ShardEntry
+from nextoffline.formats.lora_keys import peft_key
+from nextoffline.formats.verl import ShardEntry, load_lora_state
 from nextoffline.io.torch_zip import StorageRef, TensorRef
 from tests.conftest import FIXTURES, REPO, tree_hashes
 
@@ -105,6 +106,21 @@ def test_block_pieces_tile_uneven_and_empty_chunks(shape: tuple[int, ...], dim: 
         flat[piece.start : piece.start + piece.numel] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
     assert torch.equal(flat.reshape(shape), full)
     assert sum(p.numel for p in pieces) == full.numel()
+
+
+@pytest.mark.parametrize(("name", "world"), [("verl_lora_tiny", 2), ("verl09_lora_tiny", 3), ("verl_torch27_lora_tiny", 2)])
+def test_pieces_agree_with_the_lora_reader_on_fsdp1_and_fsdp2_shards(name: str, world: int) -> None:
+    """Every tensor of the LoRA fixtures' shards as pieces (FSDP2 2 and 3 ranks with empty and dim-1
+    chunks; FSDP1 pickled by torch 2.7): the LoRA tensors equal what the LoRA reader assembles."""
+    folder = FIXTURES / name / "global_step_8"
+    checkpoint, copies = read_step(8, folder)
+    lora = load_lora_state(folder / "actor" / f"model_world_size_{world}_rank_0.pt")
+    with FileHandles() as handles:
+        for key, entry in checkpoint.entries.items():
+            if peft_key(key) is not None:
+                value = read_slab(handles, checkpoint, key, 0, entry.numel).reshape(entry.shape)
+                assert torch.equal(value, lora.pop(peft_key(key))), key
+    assert not lora and not copies and len(checkpoint.entries) == 49
 
 
 def test_single_rank_plain_tensors_and_replicated_buffers(tmp_path: Path) -> None:
