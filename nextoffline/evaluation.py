@@ -31,10 +31,20 @@ from typing import Any
 
 from nextoffline.errors import EvaluationError, UsageError
 from nextoffline.output import build_manifest, candidate_labels, candidate_record, source_record, write_adapter_folder
-from nextoffline.pipeline import Candidate, Extrapolation
+from nextoffline.pipeline import Extrapolation
 from nextoffline.types import Trajectory
 
-__all__ = ["EvalResult", "EvalSpec", "best_index", "parse_score", "run_eval", "score_candidates"]
+__all__ = [
+    "EvalResult",
+    "EvalSpec",
+    "best_index",
+    "candidate_env",
+    "parse_score",
+    "run_eval",
+    "score_candidates",
+    "score_record",
+    "selection_text",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -171,8 +181,9 @@ def run_eval(spec: EvalSpec, adapter: Path, log_path: Path, *, env: Mapping[str,
     return EvalResult(label, score, seconds, log_path)
 
 
-def _candidate_env(candidate: Candidate, label: str) -> dict[str, str]:
-    return {"NEXTOFFLINE_COEF": f"{candidate.coef:g}", "NEXTOFFLINE_STEP": f"{candidate.target_step:g}", "NEXTOFFLINE_CANDIDATE": label}
+def candidate_env(coef: float, step: float, label: str) -> dict[str, str]:
+    """The evaluator's environment for one candidate (besides ``NEXTOFFLINE_ADAPTER``)."""
+    return {"NEXTOFFLINE_COEF": f"{coef:g}", "NEXTOFFLINE_STEP": f"{step:g}", "NEXTOFFLINE_CANDIDATE": label}
 
 
 def score_candidates(
@@ -212,7 +223,9 @@ def score_candidates(
                 results.append(EvalResult(label, first.score, 0.0, first.log))
             else:
                 LOG.info("evaluating candidate %s (coefficient %g, step %g)", label, candidate.coef, candidate.target_step)
-                results.append(run_eval(spec, folder, log_dir / f"{label}.log", env=_candidate_env(candidate, label)))
+                results.append(
+                    run_eval(spec, folder, log_dir / f"{label}.log", env=candidate_env(candidate.coef, candidate.target_step, label))
+                )
                 LOG.info("candidate %s scored %g (%.1fs)", label, results[-1].score, results[-1].seconds)
             if keep_dir is not None:
                 keep_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +236,33 @@ def score_candidates(
         if own_staging:
             shutil.rmtree(staging, ignore_errors=True)
     return results
+
+
+def score_record(result: EvalResult, selected: bool, keep_all: bool, *, log_dir: str, candidates_dir: str) -> dict[str, Any]:
+    """The manifest record of one scored candidate: its score, log, and where it was written
+    (``"."``: the output folder itself; ``None``: dropped)."""
+    return {
+        "label": result.label,
+        "score": result.score,
+        "eval_log": f"{log_dir}/{result.log.name}",
+        "eval_seconds": round(result.seconds, 3),
+        "selected": selected,
+        "adapter": "." if selected else (f"{candidates_dir}/{result.label}" if keep_all else None),
+    }
+
+
+def selection_text(coefs: Sequence[float], results: Sequence[EvalResult], best: int, spec: EvalSpec) -> str:
+    """A plain statement of what the evaluator selected, against coefficient 0 (no extrapolation)."""
+    reference = next((r.score for c, r in zip(coefs, results) if c == 0), None)
+    direction = "lower" if spec.lower_is_better else "higher"
+    if coefs[best] == 0:
+        text = (
+            f"the evaluator scored coefficient 0 (no extrapolation, score {reference:g}) best or tied ({direction} is better): "
+            "the selected output is the latest checkpoint"
+        )
+        LOG.warning(text)
+        return text
+    return f"selected {results[best].label} (score {results[best].score:g} vs {reference:g} without extrapolation; {direction} is better)"
 
 
 def best_index(scores: Sequence[float], lower_is_better: bool = False) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from nextoffline.artifacts import CANDIDATES_DIR, EVAL_LOG_DIR, write_manifest
 from nextoffline.errors import UsageError
-from nextoffline.evaluation import EvalResult, EvalSpec, best_index, score_candidates
+from nextoffline.evaluation import EvalResult, EvalSpec, best_index, score_candidates, score_record, selection_text
 from nextoffline.forecasting import ForecastOptions
 from nextoffline.io.writer import check_output_location
 from nextoffline.output import build_manifest, candidate_labels, candidate_record, output_sources, save_extrapolation, source_record
@@ -174,31 +174,12 @@ def _save(trajectory: Trajectory, result: Extrapolation, request: ExtrapolateReq
 
 
 def _score_record(result: EvalResult, selected: bool, keep_all: bool) -> dict[str, Any]:
-    return {
-        "label": result.label,
-        "score": result.score,
-        "eval_log": f"{EVAL_LOG_DIR}/{result.log.name}",
-        "eval_seconds": round(result.seconds, 3),
-        "selected": selected,
-        "adapter": "." if selected else (f"{CANDIDATES_DIR}/{result.label}" if keep_all else None),
-    }
+    return score_record(result, selected, keep_all, log_dir=EVAL_LOG_DIR, candidates_dir=CANDIDATES_DIR)
 
 
 def _selection_note(result: Extrapolation, results: list[EvalResult], best: int, spec: EvalSpec) -> str:
     """The extrapolation's note, plus a plain statement of what the evaluator selected."""
-    chosen = result.candidates[best]
-    reference = next((r.score for c, r in zip(result.candidates, results) if c.coef == 0), None)
-    direction = "lower" if spec.lower_is_better else "higher"
-    if chosen.coef == 0:
-        text = (
-            f"the evaluator scored coefficient 0 (no extrapolation, score {reference:g}) best or tied ({direction} is better): "
-            "the selected adapter is the latest checkpoint"
-        )
-        LOG.warning(text)
-    else:
-        text = (
-            f"selected {results[best].label} (score {results[best].score:g} vs {reference:g} without extrapolation; {direction} is better)"
-        )
+    text = selection_text([c.coef for c in result.candidates], results, best, spec)
     return f"{result.note}; {text}" if result.note else text
 
 

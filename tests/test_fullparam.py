@@ -24,6 +24,8 @@ sys.path.insert(0, str(FIXTURES))
 from make_fullparam_fixture import law_weights
 
 RUN = FIXTURES / "fullparam_sqrt"
+#: `auto` on these tiny models would include NExt (projected within --next-budget); these tests are about the trends
+NO_NEXT = ("--next-budget", 0)
 BASE = FIXTURES / "tiny_base"
 
 
@@ -94,7 +96,7 @@ def test_auto_extrapolates_the_known_law_and_output_loads(tmp_path: Path, with_b
 
     before = tree_hashes(RUN)
     out = tmp_path / "out"
-    args = ["extrapolate", RUN, "--to-step", 120, "--out", out, "--device", "cpu"] + (["--base", BASE] if with_base else [])
+    args = ["extrapolate", RUN, "--to-step", 120, "--out", out, "--device", "cpu", *NO_NEXT] + (["--base", BASE] if with_base else [])
     code, output = run_cli(*args)
     assert code == 0, output
     assert "auto selected power" in output
@@ -134,7 +136,7 @@ def test_inspect_and_backtest_json(tmp_path: Path) -> None:
 
 def test_resumable_replaces_weights_and_keeps_trainer_state(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--out", out, "--resumable")
+    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--out", out, "--resumable", *NO_NEXT)
     assert code == 0, output
     resume = out / "resume" / "checkpoint-80"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"):
@@ -182,7 +184,7 @@ def test_sharded_bf16_output_keeps_sharding_and_dtype(tmp_path: Path, sharded_bf
     shards = sorted(p.name for p in latest.glob("model-*.safetensors"))
     assert len(shards) > 1
     out = tmp_path / "out"
-    code, output = run_cli("extrapolate", sharded_bf16_run, "--coef", 1, "--out", out, "--chunk-mb", 1)
+    code, output = run_cli("extrapolate", sharded_bf16_run, "--coef", 1, "--out", out, "--chunk-mb", 1, *NO_NEXT)
     assert code == 0, output
     assert sorted(p.name for p in out.glob("model-*.safetensors")) == shards
     assert (out / "model.safetensors.index.json").read_bytes() == (latest / "model.safetensors.index.json").read_bytes()
@@ -204,7 +206,7 @@ def test_coef_zero_returns_the_latest_bytes(tmp_path: Path, sharded_bf16_run: Pa
 def test_auto_keeps_latest_weights_when_nothing_beats_stopping(tmp_path: Path) -> None:
     run = write_model_run(tmp_path / "noise", law="noise", dtype=torch.float32, shard=None, seed=3)
     out = tmp_path / "out"
-    code, output = run_cli("extrapolate", run, "--coef", 1, "--out", out)
+    code, output = run_cli("extrapolate", run, "--coef", 1, "--out", out, *NO_NEXT)
     assert code == 0, output
     assert "latest weights are kept unchanged" in output
     assert (out / "model.safetensors").read_bytes() == (run / "step_80" / "model.safetensors").read_bytes()
@@ -265,7 +267,7 @@ def test_bin_weights_and_next_are_clear_errors(tmp_path: Path) -> None:
         torch.save({"w": torch.zeros(2)}, run / f"checkpoint-{step}" / "pytorch_model.bin")
     code, output = run_cli("inspect", run)
     assert code != 0 and "safe_serialization=True" in output and "Traceback" not in output
-    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--method", "next", "--out", tmp_path / "o")
+    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--method", "lawa", "--out", tmp_path / "o")
     assert code != 0 and "LoRA-only" in output
 
 
@@ -273,8 +275,11 @@ def test_bin_weights_and_next_are_clear_errors(tmp_path: Path) -> None:
 
 
 def test_torchrun_two_processes_write_byte_identical_weights(tmp_path: Path, sharded_bf16_run: Path) -> None:
+    """Two targets scored by --eval-cmd (rank 0 evaluates) with --keep-all: every candidate's files
+    are byte-identical to the single-process run's."""
     single, multi = tmp_path / "single", tmp_path / "multi"
-    args = ["extrapolate", str(sharded_bf16_run), "--coef", "1.5", "--device", "cpu", "--chunk-mb", "1", "--quiet"]
+    args = ["extrapolate", str(sharded_bf16_run), "--coef", "1.5,3", "--device", "cpu", "--chunk-mb", "1", *map(str, NO_NEXT)]
+    args += ["--eval-cmd", "test -f {adapter}/config.json && echo $NEXTOFFLINE_COEF", "--keep-all", "--quiet"]
     code, output = run_cli(*args[:-1], "--out", single)
     assert code == 0, output
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -283,11 +288,15 @@ def test_torchrun_two_processes_write_byte_identical_weights(tmp_path: Path, sha
         [*torchrun, "-m", "nextoffline", *args, "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    weight_files = sorted(p.name for p in single.glob("model*.safetensors*"))
-    assert len(weight_files) > 2
-    for name in weight_files:
-        assert (multi / name).read_bytes() == (single / name).read_bytes(), name
-    assert json.loads((multi / "nextoffline.json").read_text())["processes"] == 2
+    folders = [Path("."), Path("candidates/coef_0"), Path("candidates/coef_1.5")]  # coef_3 scores best: OUT itself
+    assert json.loads((single / "nextoffline.json").read_text())["selected"]["label"] == "coef_3"
+    for folder in folders:
+        weight_files = sorted(p.name for p in (single / folder).glob("model*.safetensors*"))
+        assert len(weight_files) > 2
+        for name in weight_files:
+            assert (multi / folder / name).read_bytes() == (single / folder / name).read_bytes(), folder / name
+    manifest = json.loads((multi / "nextoffline.json").read_text())
+    assert manifest["processes"] == 2 and manifest["selected"]["label"] == "coef_3"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
     shutil.rmtree(multi)
 
@@ -298,7 +307,7 @@ def test_trainer_resumes_from_the_resumable_checkpoint_with_extrapolated_weights
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     out = tmp_path / "out"
-    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--out", out, "--resumable")
+    code, output = run_cli("extrapolate", RUN, "--coef", 1, "--out", out, "--resumable", *NO_NEXT)
     assert code == 0, output
     expected = load_file(out / "model.safetensors")
     seen: dict[str, object] = {}

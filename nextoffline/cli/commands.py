@@ -92,7 +92,9 @@ def backtest_cmd(
     from nextoffline.dense.commands import dense_backtest_cmd, wants_dense
 
     if wants_dense(src, full_args):  # full-parameter hook
-        return dense_backtest_cmd(src, full_args, compute, holdout, methods, as_json, common.progress)
+        return dense_backtest_cmd(
+            src, full_args, compute, holdout, methods, as_json, common.progress, predictor_args=predictor_args, forecast=forecast
+        )
     from nextoffline.ops.predictors import auto_candidates, parse_predictor_name
     from nextoffline.pipeline import backtest, resolve_targets
 
@@ -176,14 +178,21 @@ def extrapolate_cmd(
     from nextoffline.ops.predictors import parse_predictor_name
 
     coefs, steps = parse_float_list(coef, "--coef"), parse_float_list(to_step, "--to-step")
+    if (keep_all or eval_lower_is_better) and not eval_cmd:
+        raise UsageError(
+            f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "
+            "without it every candidate of a sweep is written"
+        )
+    evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
     if wants_dense(src, full_args):  # full-parameter hook
-        if eval_cmd or keep_all or rank_policy != "keep" or max_step is not None:
-            raise UsageError("--eval-cmd, --keep-all, --rank-policy and --max-step are LoRA-only; drop them for a full-parameter run")
+        if rank_policy != "keep":
+            raise UsageError("--rank-policy applies to LoRA factors; a full-parameter run writes whole weights: drop it")
         return dense_extrapolate_cmd(
             src,
             full_args,
             compute,
             as_json=as_json,
+            max_step=max_step,
             out_dir=out_dir,
             method=method,
             coefs=coefs,
@@ -194,11 +203,9 @@ def extrapolate_cmd(
             overwrite=overwrite,
             command=command_line(),
             progress=common.progress,
-        )
-    if (keep_all or eval_lower_is_better) and not eval_cmd:
-        raise UsageError(
-            f"{'--keep-all' if keep_all else '--eval-lower-is-better'} only applies with --eval-cmd; "
-            "without it every candidate of a sweep is written"
+            evaluation=evaluation,
+            next_epochs=predictor_args.next_epochs,
+            next_budget_s=forecast.next_budget_s,
         )
     if resumable and rank_policy == "grow":
         raise UsageError("--resumable keeps the rank so the optimizer state still fits; drop --rank-policy grow")
@@ -206,7 +213,6 @@ def extrapolate_cmd(
         parse_predictor_name(method)
     trajectory = load_source(src, common, trainer_state=resumable, max_step=max_step)
     settings = run_settings(compute, common, predictor_args)
-    evaluation = EvalSpec(eval_cmd, lower_is_better=eval_lower_is_better, timeout=eval_timeout, keep_all=keep_all) if eval_cmd else None
     request = ExtrapolateRequest(
         out_dir=out_dir,
         method=method,

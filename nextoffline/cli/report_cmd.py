@@ -9,10 +9,12 @@ import click
 from nextoffline.cli.options import (
     Common,
     ComputeArgs,
+    FullArgs,
     PredictorArgs,
     SourceArgs,
     common_options,
     compute_options,
+    full_options,
     holdout_option,
     load_source,
     out_option,
@@ -49,6 +51,7 @@ __all__ = ["report_cmd"]
 @click.option("--max-modules", default=9, show_default=True, type=click.IntRange(1, 36), help="Most modules on the coefficient plot.")
 @click.option("--to-step", "end_step", type=float, default=None, help="Draw the predictions up to this step (default: 2 horizons ahead).")
 @overwrite_option
+@full_options
 @common_options
 def report_cmd(
     src: SourceArgs,
@@ -63,9 +66,11 @@ def report_cmd(
     max_modules: int,
     end_step: float | None,
     overwrite: bool,
+    full_args: FullArgs,
     common: Common,
 ) -> None:
     """Write PNG plots and report.md: rank-1 energy, per-module coefficient fits, backtest errors, candidate scores."""
+    from nextoffline.dense.commands import dense_report_data, wants_dense
     from nextoffline.io.writer import check_output_location
     from nextoffline.output import output_sources
     from nextoffline.report import compute_report, require_matplotlib, write_report
@@ -73,20 +78,30 @@ def report_cmd(
     require_matplotlib()  # fail before any work
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     backtest_list = [m.strip() for m in backtest_methods.split(",") if m.strip()] if backtest_methods else None
-    trajectory = load_source(src, common)
-    check_output_location(out_dir, sources=output_sources(trajectory), overwrite=overwrite)  # once, before the work
-    settings = run_settings(compute, common, predictor_args)
-    data = compute_report(
-        trajectory,
-        settings,
-        methods=method_list,
-        backtest_methods=backtest_list,
-        holdout=holdout,
-        module_pattern=module_pattern,
-        max_modules=max_modules,
-        end_step=end_step,
-        extrapolation_dir=extrapolation_dir,
-    )
+    options = {
+        "methods": method_list,
+        "backtest_methods": backtest_list,
+        "holdout": holdout,
+        "module_pattern": module_pattern,
+        "max_modules": max_modules,
+        "end_step": end_step,
+        "extrapolation_dir": extrapolation_dir,
+    }
+    if wants_dense(src, full_args):  # full-parameter hook
+        data = dense_report_data(
+            src,
+            full_args,
+            compute,
+            out_dir=out_dir,
+            overwrite=overwrite,
+            progress=common.progress,
+            horizon=predictor_args.horizon,
+            **options,
+        )
+    else:
+        trajectory = load_source(src, common)
+        check_output_location(out_dir, sources=output_sources(trajectory), overwrite=overwrite)  # once, before the work
+        data = compute_report(trajectory, run_settings(compute, common, predictor_args), **options)
     files = write_report(out_dir, data, overwrite=overwrite)
     click.echo(f"wrote {files['markdown']}")
     for key, path in files.items():

@@ -17,7 +17,14 @@ import click
 from nextoffline.cli.options import ComputeArgs, FullArgs, SourceArgs
 from nextoffline.errors import UsageError
 
-__all__ = ["dense_backtest_cmd", "dense_extrapolate_cmd", "dense_inspect_cmd", "dense_push_message", "wants_dense"]
+__all__ = [
+    "dense_backtest_cmd",
+    "dense_extrapolate_cmd",
+    "dense_inspect_cmd",
+    "dense_push_message",
+    "dense_report_data",
+    "wants_dense",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ def wants_dense(src: SourceArgs, full_args: FullArgs) -> bool:
     return detected
 
 
-def _load(src: SourceArgs, full_args: FullArgs, *, progress: bool = True, trainer_state: bool = False):
+def _load(src: SourceArgs, full_args: FullArgs, *, progress: bool = True, trainer_state: bool = False, max_step: int | None = None):
     """The trajectory (Hub sources and a Hub ``--base`` downloaded first); ``source_label`` is SOURCE as given."""
     from nextoffline import hub
     from nextoffline.dense.layout import load_dense_trajectory
@@ -54,7 +61,7 @@ def _load(src: SourceArgs, full_args: FullArgs, *, progress: bool = True, traine
     base = None if full_args.base is None else Path(full_args.base)
     if full_args.base is not None and hub.is_hub_source(full_args.base):
         base = hub.materialize_model(full_args.base, token=src.token, progress=progress)
-    return load_dense_trajectory(root, base=base, source_label=src.source)
+    return load_dense_trajectory(root, base=base, source_label=src.source, max_step=max_step)
 
 
 def _stats(trajectory, compute: ComputeArgs, progress: bool):
@@ -98,44 +105,102 @@ def dense_inspect_cmd(src: SourceArgs, full_args: FullArgs, compute: ComputeArgs
 
 
 def dense_backtest_cmd(
-    src: SourceArgs, full_args: FullArgs, compute: ComputeArgs, holdout: int, methods: str | None, as_json: bool, progress: bool
+    src: SourceArgs,
+    full_args: FullArgs,
+    compute: ComputeArgs,
+    holdout: int,
+    methods: str | None,
+    as_json: bool,
+    progress: bool,
+    *,
+    predictor_args: Any = None,
+    forecast: Any = None,
 ) -> None:
     from nextoffline.cli.options import echo_json
     from nextoffline.cli.render import render_backtest
-    from nextoffline.dense.pipeline import dense_auto_candidates, dense_backtest
+    from nextoffline.dense.dist import Group
+    from nextoffline.dense.next import DenseNext
+    from nextoffline.dense.pipeline import collect_stats, dense_auto_candidates, dense_backtest, next_in_auto
+    from nextoffline.ops.device import resolve_device
+    from nextoffline.ops.predictors import NextOptions
+    from nextoffline.pipeline import default_horizon
 
     trajectory = _load(src, full_args, progress=progress)
-    names = [m.strip() for m in methods.split(",")] if methods else dense_auto_candidates(len(trajectory.checkpoints) - holdout)
-    result = dense_backtest(trajectory, _stats(trajectory, compute, progress), names, holdout=holdout)
+    k = len(trajectory.checkpoints)
+    horizon = (predictor_args.horizon if predictor_args else None) or default_horizon(k)
+    device = resolve_device(compute.device)
+    epochs = predictor_args.next_epochs if predictor_args else NextOptions.epochs
+    ctx = DenseNext(Group(device=device), device, compute.chunk_mb * 2**20, NextOptions(epochs=epochs))
+    if forecast is not None:
+        ctx = DenseNext(ctx.group, device, ctx.budget, ctx.options, forecast.next_budget_s)
+    if methods:
+        names = [m.strip() for m in methods.split(",")]
+        wants_next = any(n.partition("@")[0] == "next" for n in names)
+    else:
+        wants_next, why = next_in_auto(trajectory, ctx, holdout=holdout, horizon=horizon)
+        if why:
+            LOG.warning(why)
+        names = dense_auto_candidates(k - holdout, with_next=wants_next)
+    stats = collect_stats(trajectory, device, ctx.budget, ctx.group, progress=progress, next_horizon=horizon if wants_next else None)
+    result = dense_backtest(trajectory, stats, names, holdout=holdout, next_ctx=ctx if wants_next else None, horizon=horizon)
     echo_json(result.to_json()) if as_json else click.echo(render_backtest(result))
 
 
-def dense_extrapolate_cmd(src: SourceArgs, full_args: FullArgs, compute: ComputeArgs, *, as_json: bool, **options: Any) -> None:
+def dense_report_data(
+    src: SourceArgs, full_args: FullArgs, compute: ComputeArgs, *, out_dir: Path, overwrite: bool, progress: bool, **options: Any
+):
+    """The report's numbers for a full-parameter run (rendered by :func:`nextoffline.report.write_report`)."""
+    from nextoffline.dense.pipeline import rank1_energy
+    from nextoffline.dense.report import compute_dense_report
+    from nextoffline.io.writer import check_output_location
+    from nextoffline.ops.device import resolve_device
+
+    trajectory = _load(src, full_args, progress=progress)
+    check_output_location(out_dir, sources=(trajectory.source, *(c.folder for c in trajectory.checkpoints)), overwrite=overwrite)
+    rank1 = rank1_energy(trajectory, resolve_device(compute.device), compute.chunk_mb * 2**20)
+    return compute_dense_report(trajectory, _stats(trajectory, compute, progress), rank1, **options)
+
+
+def dense_extrapolate_cmd(
+    src: SourceArgs, full_args: FullArgs, compute: ComputeArgs, *, as_json: bool, max_step: int | None = None, **options: Any
+) -> None:
     """Run the full-parameter extrapolation; under ``torchrun`` only rank 0 prints."""
     import os
 
     from nextoffline.cli.options import echo_json
     from nextoffline.dense.output import run_dense_extrapolate
     from nextoffline.ops.device import resolve_device
+    from nextoffline.ops.predictors import NextOptions
 
-    trajectory = _load(src, full_args, progress=options.get("progress", True), trainer_state=options.get("resumable", False))
-    summary = run_dense_extrapolate(trajectory, device=resolve_device(compute.device), chunk_bytes=compute.chunk_mb * 2**20, **options)
+    trajectory = _load(
+        src, full_args, progress=options.get("progress", True), trainer_state=options.get("resumable", False), max_step=max_step
+    )
+    next_options = NextOptions(epochs=options.pop("next_epochs", NextOptions.epochs))
+    summary = run_dense_extrapolate(
+        trajectory, device=resolve_device(compute.device), chunk_bytes=compute.chunk_mb * 2**20, next_options=next_options, **options
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    if as_json:
-        echo_json(summary)
-        return
-    extrapolation = summary["extrapolation"]
-    lines = [
-        f"wrote {summary['out']} (full-parameter HF model folder, {summary['processes']} process(es))",
-        f"method: {extrapolation['method']}  target step: {extrapolation['target_step']:g}  coefficient: {extrapolation['coef']:g}",
-    ]
+    echo_json(summary) if as_json else click.echo(_render_extrapolation(summary))
+
+
+def _render_extrapolation(summary: dict[str, Any]) -> str:
+    extrapolation, selected = summary["extrapolation"], summary["selected"]
+    lines = [f"wrote {summary['out']} (full-parameter HF model folder{'s' if not selected else ''}, {summary['processes']} process(es))"]
+    lines.append(f"method: {extrapolation['method']}")
+    if selected:
+        lines[-1] += f"  target step: {selected['step']:g}  coefficient: {selected['coef']:g}"
+    for c in summary.get("candidates") or []:
+        score = f"  score {c['score']:g}" if "score" in c else ""
+        where = c.get("adapter")
+        shown = "selected: OUT" if where == "." else (f"OUT/{where}" if where else "not kept")
+        lines.append(f"  {c['label']:>12}  step {c['step']:g}  coefficient {c['coef']:g}{score}  ({shown})")
     if extrapolation["note"]:
         lines.append(extrapolation["note"])
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if "resumable" in summary:
         lines.append(f"resume: {summary['resumable']['command'].replace('<out>', summary['out'])}")
-    click.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 def dense_push_message(folder: Path) -> str | None:

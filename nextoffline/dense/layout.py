@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ __all__ = [
     "is_full_parameter_run",
     "load_dense_trajectory",
     "read_model_folder",
+    "up_to_step",
 ]
 
 SINGLE_NAME = "model.safetensors"
@@ -362,18 +363,48 @@ def is_dense_source(root: Path) -> bool:
     return root.is_dir() and any(reader.probe(root) for reader in dense_readers())
 
 
-def load_dense_trajectory(root: Path, *, base: Path | None = None, source_label: str | None = None, min_steps: int = 3) -> DenseTrajectory:
-    """Probe ``root`` with every reader (:func:`dense_readers`) and read the checkpoints of the first that fits.
+def load_dense_trajectory(
+    root: Path, *, base: Path | None = None, source_label: str | None = None, min_steps: int = 3, max_step: int | None = None
+) -> DenseTrajectory:
+    """Probe ``root`` with every reader (:func:`dense_readers`) and read the checkpoints of the first that fits
+    (those saved after ``max_step`` are dropped: a run that is still training).
 
     Raises:
         FormatDetectionError: no reader recognises ``root``.
-        NotEnoughCheckpointsError: fewer than ``min_steps`` checkpoints.
+        NotEnoughCheckpointsError: fewer than ``min_steps`` checkpoints (up to ``max_step``).
         IncompatibleCheckpointsError: checkpoints (or the base) disagree on tensors or shapes.
     """
     for reader in dense_readers():
         if root.is_dir() and reader.probe(root):
-            return reader.load(root, base=base, source_label=source_label, min_steps=min_steps)
-    return _load_hf_folders(root, base=base, source_label=source_label, min_steps=min_steps)  # its error names what is missing
+            trajectory = reader.load(root, base=base, source_label=source_label, min_steps=min_steps)
+            break
+    else:
+        trajectory = _load_hf_folders(root, base=base, source_label=source_label, min_steps=min_steps)  # its error names what is missing
+    return trajectory if max_step is None else up_to_step(trajectory, max_step, min_steps)
+
+
+def up_to_step(trajectory: DenseTrajectory, max_step: int, min_steps: int = 3) -> DenseTrajectory:
+    """``trajectory`` without the checkpoints saved after ``max_step`` (``--max-step``).
+
+    The model files (config, tokenizer) then come from the new latest checkpoint's folder, at
+    the same place relative to it when the reader took them from inside the latest folder.
+
+    Raises:
+        NotEnoughCheckpointsError: fewer than ``min_steps`` checkpoints remain.
+    """
+    kept = tuple(c for c in trajectory.checkpoints if c.step <= max_step)
+    if len(kept) == len(trajectory.checkpoints):
+        return trajectory
+    if len(kept) < min_steps:
+        raise NotEnoughCheckpointsError(
+            f"{trajectory.source}: found {len(kept)} full-parameter checkpoint(s) up to --max-step {max_step} "
+            f"(steps {[c.step for c in kept]}); at least {min_steps} are needed"
+        )
+    files_dir = trajectory.model_files_dir
+    old_latest = trajectory.latest.folder
+    if files_dir is not None and files_dir.is_relative_to(old_latest):
+        files_dir = kept[-1].folder / files_dir.relative_to(old_latest)
+    return replace(trajectory, checkpoints=kept, model_files_dir=files_dir)
 
 
 def _load_hf_folders(root: Path, *, base: Path | None, source_label: str | None, min_steps: int) -> DenseTrajectory:

@@ -19,7 +19,7 @@ from nextoffline.ops.decompose import (
     symmetric_blocks,
 )
 
-__all__ = ["ChunkCache", "FactorChunk", "Rank1Features", "contiguous_index", "rank1_features"]
+__all__ = ["ChunkCache", "FactorChunk", "Rank1Features", "aligned_features", "contiguous_index", "rank1_features"]
 
 _Slot = TypeVar("_Slot")
 
@@ -136,20 +136,37 @@ def rank1_features(chunk: FactorChunk, *, horizon: int, lag: int = 1) -> Rank1Fe
         triplets, energies = _pair_triplets(chunk, grams, t1, [t - lag for t in t1], scratch, derive_globals=lag == 1)
         local_seq.extend(triplets)
         local_energy.extend(energies)
-    local: list[Triplets | None] = [None] * lag + list(align_signs(local_seq))
     global_ = grams.triplets()
-    target: list[Triplets | None] = [None] * k
     targets: list[Triplets] = []
     for start in range(0, max(k - horizon, 0), _PAIR_BATCH):
         t0 = list(range(start, min(start + _PAIR_BATCH, k - horizon)))
         targets.extend(_pair_triplets(chunk, grams, [t + horizon for t in t0], t0, scratch, derive_globals=False)[0])
+    return aligned_features(global_, local_seq, targets, lag=lag, global_energy=grams.energies(), local_energy=local_energy)
+
+
+def aligned_features(
+    global_: list[Triplets],
+    local: list[Triplets],
+    targets: list[Triplets],
+    *,
+    lag: int,
+    global_energy: list[torch.Tensor],
+    local_energy: list[torch.Tensor | None],
+) -> Rank1Features:
+    """NExt's features from the raw triplets of every step's global delta, of the local deltas
+    (steps ``lag`` on) and of the targets (steps ``0 .. K-h-1``): each sequence sign-aligned along
+    the steps, each target first aligned to the local delta of its step (shared by the LoRA factors
+    and dense full-parameter deltas)."""
+    k = len(global_)
+    aligned_local: list[Triplets | None] = [None] * lag + list(align_signs(local))
+    target: list[Triplets | None] = [None] * k
     previous: Triplets | None = None
     for t, triplet in enumerate(targets):
-        reference = previous if previous is not None else local[t]
+        reference = previous if previous is not None else aligned_local[t]
         target[t] = align_to(triplet, reference) if reference is not None else triplet
         previous = target[t]
     return Rank1Features(
-        global_=align_signs(global_), local=local, target=target, global_energy=grams.energies(), local_energy=local_energy
+        global_=align_signs(global_), local=aligned_local, target=target, global_energy=global_energy, local_energy=local_energy
     )
 
 

@@ -20,17 +20,22 @@ from dataclasses import dataclass
 
 import torch
 
+from nextoffline.ops.chunk import Rank1Features, aligned_features
+from nextoffline.ops.decompose import Triplets
 from nextoffline.ops.device import single_thread
 from nextoffline.ops.predictors.trajectory import rank1_from_gram
 from nextoffline.ops.regressors import make_regressor
 
 __all__ = [
     "Triplet",
+    "TripletSeries",
     "accumulate_gram",
     "align_signs",
     "holdout_errors",
     "top_triplet",
+    "trend_curve",
     "trend_weights",
+    "truncated_features",
 ]
 
 _F64 = torch.float64
@@ -60,6 +65,15 @@ def accumulate_gram(gram: torch.Tensor, deltas: torch.Tensor, scratch: torch.Ten
 # --------------------------------------------------------------------------- trends over steps
 
 
+def _fit_trend(gram: torch.Tensor, steps: Sequence[float], observed: Sequence[int], regressor: str, window: int | None):
+    """The window's indices, its top trajectory direction and the fitted trend of its coefficient."""
+    index = list(observed) if window is None else list(observed)[-window:]
+    sub = gram[:, index][:, :, index]
+    rank1 = rank1_from_gram(sub)
+    x = torch.tensor([float(steps[i]) for i in index], dtype=_F64).unsqueeze(0).expand(gram.shape[0], -1)
+    return index, rank1, make_regressor(regressor).fit(x, rank1.coefficients)
+
+
 def trend_weights(
     gram: torch.Tensor,
     steps: Sequence[float],
@@ -80,15 +94,33 @@ def trend_weights(
         window: use only the last ``window`` observed indices (``None`` = all).
         target_step: step to predict.
     """
-    index = list(observed) if window is None else list(observed)[-window:]
-    sub = gram[:, index][:, :, index]
-    rank1 = rank1_from_gram(sub)
-    x = torch.tensor([float(steps[i]) for i in index], dtype=_F64).unsqueeze(0).expand(gram.shape[0], -1)
-    trend = make_regressor(regressor).fit(x, rank1.coefficients)
+    index, rank1, trend = _fit_trend(gram, steps, observed, regressor, window)
     gain = trend.predict(torch.tensor(float(target_step))) - trend.predict(torch.tensor(float(steps[index[-1]])))
     weights = torch.zeros(gram.shape[0], gram.shape[-1], dtype=_F64)
     weights[:, index] = gain.unsqueeze(-1) * rank1.weights
     return weights
+
+
+def trend_curve(
+    gram: torch.Tensor,
+    steps: Sequence[float],
+    direction: torch.Tensor,
+    grid: Sequence[float],
+    *,
+    regressor: str,
+    window: int | None,
+) -> torch.Tensor:
+    """``<D(t), V>`` for every step ``t`` of ``grid`` (``(N, G)`` float64): the component along the
+    direction ``V = sum_i direction_i g_i`` of the update a trend fitted on all steps adds to the
+    latest checkpoint to reach ``t`` (one fit, evaluated on the whole grid; Gram arithmetic only).
+    """
+    index, rank1, trend = _fit_trend(gram, steps, range(gram.shape[-1]), regressor, window)
+    weights = torch.zeros(gram.shape[0], gram.shape[-1], dtype=_F64)
+    weights[:, index] = rank1.weights
+    along = torch.einsum("ni,nij,nj->n", weights, gram, direction.to(_F64))
+    last = trend.predict(torch.tensor(float(steps[index[-1]])))
+    gains = torch.stack([trend.predict(torch.tensor(float(t))) - last for t in grid], dim=-1)
+    return gains * along.unsqueeze(-1)
 
 
 def holdout_errors(gram: torch.Tensor, weights: torch.Tensor, last: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,3 +202,72 @@ def safe_ratio(num: float, den: float) -> float:
     if den > 0:
         return math.sqrt(max(num, 0.0) / den)
     return 1.0 if num == 0 else math.inf
+
+
+# ----------------------------------------------------------------- NExt features of dense deltas
+
+
+def _triplets(x: torch.Tensor, init: torch.Tensor | None) -> Triplets:
+    """Top triplet of each ``(m, n)`` matrix of ``x`` (``(N, m, n)``) as NExt's :class:`~nextoffline.ops.decompose.Triplets`
+    (``u = v = 0`` where the matrix is zero), warm-started from ``init`` (``(N, n)``)."""
+    found = top_triplet(x, init=init)
+    nonzero = (found.sigma > 0).to(found.u.dtype).unsqueeze(-1)
+    return Triplets(found.sigma.clone(), found.u * nonzero, found.v * nonzero)
+
+
+class TripletSeries:
+    """NExt's inputs and targets for a batch of matrices along a trajectory, one global delta per step.
+
+    :meth:`add` takes ``g_t`` (``(N, m, n)``, float32) at each step in order and decomposes the
+    global delta ``g_t``, the local delta ``g_t - g_{t-1}`` and the target ``g_t - g_{t-h}`` of
+    step ``t - h`` (each by :func:`top_triplet`, warm-started from the same series' previous
+    ``v``); it keeps the last ``h`` deltas (memory: ``h + 2`` matrices). :meth:`features` aligns
+    the signs as the LoRA path does (:func:`~nextoffline.ops.chunk.aligned_features`).
+    """
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self._recent: list[torch.Tensor] = []
+        self.global_: list[Triplets] = []
+        self.local: list[Triplets] = []
+        self.targets: list[Triplets] = []
+        self.global_energy: list[torch.Tensor] = []
+        self.local_energy: list[torch.Tensor | None] = [None]
+
+    @staticmethod
+    def _last_v(series: list[Triplets]) -> torch.Tensor | None:
+        return series[-1].v if series and bool((series[-1].sigma > 0).all()) else None
+
+    def add(self, delta: torch.Tensor) -> None:
+        """Add the next step's global deltas ``(N, m, n)``."""
+        self.global_.append(_triplets(delta, self._last_v(self.global_)))
+        self.global_energy.append(delta.double().square().sum((-1, -2)))
+        if self._recent:
+            local = delta - self._recent[-1]
+            self.local.append(_triplets(local, self._last_v(self.local)))
+            self.local_energy.append(local.double().square().sum((-1, -2)))
+        if len(self._recent) == self.horizon:
+            self.targets.append(_triplets(delta - self._recent[0], self._last_v(self.targets)))
+            self._recent.pop(0)
+        if self.horizon > 0:
+            self._recent.append(delta.clone())
+
+    def features(self) -> Rank1Features:
+        """The aligned series (``target[t]`` is ``None`` for the last ``h`` steps)."""
+        self._recent.clear()
+        return aligned_features(
+            self.global_, self.local, self.targets, lag=1, global_energy=self.global_energy, local_energy=self.local_energy
+        )
+
+
+def truncated_features(features: Rank1Features, steps: int, horizon: int) -> Rank1Features:
+    """The features a fit on the first ``steps`` checkpoints sees (a backtest prefix): alignment
+    runs forward along the steps, so the prefix of the aligned series is the aligned prefix."""
+    target = [t if i + horizon < steps else None for i, t in enumerate(features.target[:steps])]
+    return Rank1Features(
+        global_=features.global_[:steps],
+        local=features.local[:steps],
+        target=target,
+        global_energy=features.global_energy[:steps],
+        local_energy=features.local_energy[:steps],
+    )

@@ -23,6 +23,20 @@ def _num(value: Any) -> str:
     return str(value)
 
 
+def _model_line(info: dict[str, Any]) -> str:
+    """What was trained: the LoRA modules, or every tensor of a full-parameter run (modules = tensors)."""
+    if info.get("kind") == "full-parameter":
+        return (
+            f"- full-parameter: {info['num_tensors']} tensors, {info['parameters']:,} parameters, dtypes {', '.join(info['dtypes'])}; "
+            f"deltas against {info['reference']} (below, a module is one tensor)"
+        )
+    return (
+        f"- LoRA: {info['num_modules']} modules in {len(info['groups'])} shape groups, r={info['rank']}, alpha={info['lora_alpha']}"
+        + (" (rslora)" if info["use_rslora"] else "")
+        + f", dtypes {', '.join(info['dtypes'])}"
+    )
+
+
 def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
     info = data.inspect
     lines = [
@@ -30,9 +44,7 @@ def render_markdown(data: ReportData, figures: dict[str, str]) -> str:
         "",
         f"- source: `{info['source']}` ({info['format']} layout)",
         f"- checkpoints: {len(info['steps'])} at steps {', '.join(map(str, info['steps']))}",
-        f"- LoRA: {info['num_modules']} modules in {len(info['groups'])} shape groups, r={info['rank']}, alpha={info['lora_alpha']}"
-        + (" (rslora)" if info["use_rslora"] else "")
-        + f", dtypes {', '.join(info['dtypes'])}",
+        _model_line(info),
         f"- trajectory rank-1: {_pct(info['trajectory_explained_variance'])} of the update energy lies on one direction per module",
         f"- horizon: {data.horizon} checkpoints = {data.horizon_steps:g} steps (coefficient 1)",
         "",
@@ -116,7 +128,8 @@ def _candidates_markdown(data: ReportData, figures: dict[str, str]) -> list[str]
     ext = data.extrapolation
     assert ext is not None
     extra = ext.manifest.extrapolation
-    lines = ["", "## Candidates", "", f"From `{ext.folder}`: predictor `{extra.get('method')}`, rank policy {extra.get('rank_policy')}."]
+    policy = f", rank policy {extra['rank_policy']}" if extra.get("rank_policy") else ""
+    lines = ["", "## Candidates", "", f"From `{ext.folder}`: predictor `{extra.get('method')}`{policy}."]
     if extra.get("note"):
         lines += ["", f"> {extra['note']}"]
     if ext.scored:

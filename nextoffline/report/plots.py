@@ -69,7 +69,9 @@ def plot_energy(plt: Any, data: ReportData, path: Path) -> None:
     rows = data.inspect["per_step"]
     steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    ax1.plot(steps, [100 * r["global_rank1_energy"] for r in rows], "o-", label="global  dW_t", color="#1f77b4")
+    glob = [(r["step"], 100 * r["global_rank1_energy"]) for r in rows if r["global_rank1_energy"] is not None]
+    if glob:
+        ax1.plot(*zip(*glob), "o-", label="global  dW_t", color="#1f77b4")
     local = [(r["step"], 100 * r["local_rank1_energy"]) for r in rows if r["local_rank1_energy"] is not None]
     if local:
         ax1.plot(*zip(*local), "s--", label="local  dW_t - dW_prev", color="#ff7f0e")
@@ -82,7 +84,7 @@ def plot_energy(plt: Any, data: ReportData, path: Path) -> None:
     ax2.plot(steps, [r["global_norm"] for r in rows], "o-", color="#2ca02c")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("|dW_t|  (Frobenius, all modules)")
-    ax2.set_title("Size of the LoRA update")
+    ax2.set_title("Size of the full-parameter update" if data.inspect.get("kind") == "full-parameter" else "Size of the LoRA update")
     ax2.set_ylim(bottom=0)
     _style(ax2)
     fig.suptitle(

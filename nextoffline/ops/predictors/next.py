@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from nextoffline.errors import NotEnoughCheckpointsError
-from nextoffline.ops.chunk import FactorChunk, contiguous_index, rank1_features
+from nextoffline.ops.chunk import FactorChunk, Rank1Features, contiguous_index, rank1_features
 from nextoffline.ops.predictors.base import FactoredUpdate, Predictor, chunk_key
 
 __all__ = ["NextNetwork", "NextOptions", "NextPredictor", "projected_fit_seconds"]
@@ -132,18 +132,21 @@ class NextPredictor(Predictor):
                 "lower --horizon or use another --method"
             )
         self.device = self.device or chunk.b.device
-        features = rank1_features(chunk, horizon=self.horizon)
+        self.observe_features(chunk_key(chunk), rank1_features(chunk, horizon=self.horizon), chunk.steps)
+
+    def observe_features(self, key: tuple[str, ...], features: Rank1Features, steps: torch.Tensor) -> None:
+        """Add the triplet series of one batch of matrices (``key`` names them for :meth:`predicted_triplet`):
+        the entry point of matrices that are not LoRA factors (dense full-parameter deltas)."""
         local = [features.global_[0], *features.local[1:]]  # the reference's first local delta is against the base
-        key, rows = chunk_key(chunk), len(chunk.names)
         like = features.global_[0]
-        for kind, dim in (("u", chunk.b.shape[2]), ("v", chunk.a.shape[3]), ("sigma", 1)):
+        rows = int(like.sigma.shape[0])
+        for kind, dim in (("u", like.u.shape[-1]), ("v", like.v.shape[-1]), ("sigma", 1)):
             attr_like = getattr(like, kind).float().cpu()
             samples = self._samples.setdefault((kind, int(dim)), _Samples())
             for name, seq in (("global_", features.global_), ("local", local), ("target", features.target)):
                 stacked = _stack(seq, kind, attr_like)
                 getattr(samples, name).append(stacked.unsqueeze(-1) if kind == "sigma" else stacked)
             samples.owners.append((key, rows))
-        steps = chunk.steps
         self._last_step = float(steps[-1])
         self._step_span = float((steps[-1] - steps[0]) / max(len(steps) - 1, 1)) * self.horizon
 
@@ -228,10 +231,18 @@ class NextPredictor(Predictor):
                 first_epoch_s,
             )
 
+    def predicted_triplet(self, key: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The predicted update triplet ``(sigma, u, v)`` of the matrices ``key`` (``u``, ``v`` unit)."""
+        predicted = self._predicted[key]
+        return predicted["sigma"].squeeze(-1), _unit(predicted["u"]), _unit(predicted["v"])
+
+    def coefficient(self, target_step: float) -> float:
+        """How many predicted updates (horizons) reach ``target_step`` from the last observed step."""
+        return (target_step - self._last_step) / self._step_span if self._step_span else 0.0
+
     def predict_update(self, chunk: FactorChunk, target_step: float) -> FactoredUpdate:
-        predicted = self._predicted[chunk_key(chunk)]
-        sigma, u, v = predicted["sigma"].squeeze(-1), _unit(predicted["u"]), _unit(predicted["v"])
-        coef = (target_step - self._last_step) / self._step_span if self._step_span else 0.0
+        sigma, u, v = self.predicted_triplet(chunk_key(chunk))
+        coef = self.coefficient(target_step)
         dtype, device = chunk.b.dtype, chunk.b.device
         left = (coef * sigma).reshape(-1, 1, 1).to(device, dtype) * u.unsqueeze(-1).to(device, dtype)
         return FactoredUpdate(left=left, right=v.unsqueeze(-2).to(device, dtype))
