@@ -229,7 +229,9 @@ def collect_stats(
         for key in mine:
             modelled, fits = _next_eligible(trajectory, key, next_horizon, budget)
             series = TripletSeries(next_horizon) if fits and next_horizon is not None else None
-            single = len(slab_bounds(trajectory.latest.entries[key], k + 1, budget)) == 1
+            entry = trajectory.latest.entries[key]
+            held = (next_horizon + 2) * 4 * entry.numel if series is not None and next_horizon is not None else 0  # the series' copies
+            single = len(slab_bounds(entry, k + 1, budget - held)) == 1 and held < budget
             stats = _tensor_stats(trajectory, handles, key, budget, work, series if single else None)
             if series is not None and not single:
                 _tensor_triplets(trajectory, handles, key, series, work)

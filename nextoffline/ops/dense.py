@@ -209,10 +209,11 @@ def safe_ratio(num: float, den: float) -> float:
 
 def _triplets(x: torch.Tensor, init: torch.Tensor | None) -> Triplets:
     """Top triplet of each ``(m, n)`` matrix of ``x`` (``(N, m, n)``) as NExt's :class:`~nextoffline.ops.decompose.Triplets`
-    (``u = v = 0`` where the matrix is zero), warm-started from ``init`` (``(N, n)``)."""
+    (``u = v = 0`` where the matrix is zero), warm-started from ``init`` (``(N, n)``); kept on the CPU
+    (small, gathered across ranks)."""
     found = top_triplet(x, init=init)
     nonzero = (found.sigma > 0).to(found.u.dtype).unsqueeze(-1)
-    return Triplets(found.sigma.clone(), found.u * nonzero, found.v * nonzero)
+    return Triplets(found.sigma.clone(), found.u * nonzero, found.v * nonzero).to("cpu")
 
 
 class TripletSeries:
@@ -241,11 +242,11 @@ class TripletSeries:
     def add(self, delta: torch.Tensor) -> None:
         """Add the next step's global deltas ``(N, m, n)``."""
         self.global_.append(_triplets(delta, self._last_v(self.global_)))
-        self.global_energy.append(delta.double().square().sum((-1, -2)))
+        self.global_energy.append(delta.double().square().sum((-1, -2)).cpu())
         if self._recent:
             local = delta - self._recent[-1]
             self.local.append(_triplets(local, self._last_v(self.local)))
-            self.local_energy.append(local.double().square().sum((-1, -2)))
+            self.local_energy.append(local.double().square().sum((-1, -2)).cpu())
         if len(self._recent) == self.horizon:
             self.targets.append(_triplets(delta - self._recent[0], self._last_v(self.targets)))
             self._recent.pop(0)
