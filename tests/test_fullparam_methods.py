@@ -308,7 +308,8 @@ def test_next_backtest_error_is_exact(rank1_run) -> None:
     from nextoffline.dense import load_dense_trajectory
     from nextoffline.dense.dist import Group
     from nextoffline.dense.next import DenseNext, next_backtest_sums
-    from nextoffline.dense.pipeline import collect_stats, dense_backtest
+    from nextoffline.dense.pipeline import collect_stats
+    from nextoffline.dense.select import dense_backtest
     from nextoffline.ops.predictors import NextOptions
 
     run, _base, _direction = rank1_run

@@ -120,7 +120,8 @@ def dense_backtest_cmd(
     from nextoffline.cli.render import render_backtest
     from nextoffline.dense.dist import Group
     from nextoffline.dense.next import DenseNext
-    from nextoffline.dense.pipeline import collect_stats, dense_auto_candidates, dense_backtest, next_in_auto
+    from nextoffline.dense.pipeline import collect_stats
+    from nextoffline.dense.select import dense_auto_candidates, dense_backtest, next_in_auto
     from nextoffline.ops.device import resolve_device
     from nextoffline.ops.predictors import NextOptions
     from nextoffline.pipeline import default_horizon

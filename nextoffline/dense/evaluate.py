@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nextoffline.artifacts import CANDIDATES_DIR, EVAL_LOG_DIR
-from nextoffline.dense.pipeline import DenseCandidate
+from nextoffline.dense.select import DenseCandidate
 from nextoffline.evaluation import EvalResult, EvalSpec, best_index, candidate_env, run_eval, score_record, selection_text
 
 __all__ = ["DenseScores", "evaluate_candidates"]

@@ -172,7 +172,7 @@ def next_backtest_sums(
 def fallback_trend(trajectory: DenseTrajectory, stats: DenseStats, holdout: int) -> str | None:
     """The trend the tensors NExt does not model follow: the best of the trend backtest (``None``:
     none beats stopping, they keep the latest weights)."""
-    from nextoffline.dense.pipeline import dense_auto_candidates, dense_backtest
+    from nextoffline.dense.select import dense_auto_candidates, dense_backtest
 
     k = len(trajectory.checkpoints)
     if k - holdout < 3:
@@ -182,7 +182,7 @@ def fallback_trend(trajectory: DenseTrajectory, stats: DenseStats, holdout: int)
 
 def fallback_weights(stats: DenseStats, steps: Sequence[float], observed: int, trend: str | None, target_step: float) -> torch.Tensor:
     """Trend weights ``(N, K)`` of the tensors NExt does not model (zero rows for the modelled ones)."""
-    from nextoffline.dense.pipeline import check_method
+    from nextoffline.dense.select import check_method
     from nextoffline.ops.dense import trend_weights
 
     k = stats.grams.shape[-1]

@@ -29,17 +29,8 @@ from nextoffline.dense.evaluate import evaluate_candidates
 from nextoffline.dense.layout import DenseCheckpoint, DenseResume, DenseTrajectory, WriteTarget, reader_of
 from nextoffline.dense.model_folder import ModelFolderPlan, copy_model_files, plan_model_folder
 from nextoffline.dense.next import DenseNext
-from nextoffline.dense.pipeline import (
-    DenseCandidate,
-    DenseChoice,
-    DenseStats,
-    WriteJob,
-    collect_stats,
-    next_in_auto,
-    resolution_warning,
-    select_predictor,
-    write_extrapolated_model,
-)
+from nextoffline.dense.pipeline import DenseStats, WriteJob, collect_stats, resolution_warning, write_extrapolated_model
+from nextoffline.dense.select import DenseCandidate, DenseChoice, next_in_auto, select_predictor
 from nextoffline.errors import OutputError, UsageError
 from nextoffline.evaluation import EvalSpec
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files

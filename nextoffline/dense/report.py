@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nextoffline.dense.layout import DenseTrajectory
-from nextoffline.dense.pipeline import DenseStats, Rank1Energy, check_method, dense_auto_candidates, dense_backtest, dense_inspect
+from nextoffline.dense.pipeline import DenseStats, Rank1Energy, dense_inspect
+from nextoffline.dense.select import check_method, dense_auto_candidates, dense_backtest
 from nextoffline.errors import UsageError
 from nextoffline.ops.dense import trend_curve
 from nextoffline.ops.predictors.trajectory import rank1_from_gram
