@@ -35,6 +35,8 @@ HF_RUN = FIXTURES / "fullparam_sqrt"
 BASE = FIXTURES / "tiny_base"
 STEPS = (10, 20, 30, 40, 50, 60, 70, 80)
 LATEST = RUN / "global_step_80"
+#: `auto` on these tiny models would include NExt (projected within --next-budget); these tests are about the layout
+NO_NEXT = ("--next-budget", 0)
 
 
 def cli(*args: object):
@@ -52,8 +54,8 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One extrapolation to step 120 of the verl run (with --resumable) and of the same law as HF folders."""
     tmp = tmp_path_factory.mktemp("verl_full")
     before = tree_hashes(RUN)
-    verl = cli("extrapolate", RUN, "--to-step", 120, "--out", tmp / "verl", "--resumable", "--device", "cpu")
-    hf = cli("extrapolate", HF_RUN, "--to-step", 120, "--out", tmp / "hf", "--device", "cpu")
+    verl = cli("extrapolate", RUN, "--to-step", 120, "--out", tmp / "verl", "--resumable", "--device", "cpu", *NO_NEXT)
+    hf = cli("extrapolate", HF_RUN, "--to-step", 120, "--out", tmp / "hf", "--device", "cpu", *NO_NEXT)
     return {"tmp": tmp, "verl": verl, "hf": hf, "unchanged": tree_hashes(RUN) == before}
 
 
@@ -225,7 +227,7 @@ def test_without_exported_weights_the_output_is_bf16_as_verl_model_merger_writes
     run = _copy(tmp_path)
     for step in STEPS:
         (run / f"global_step_{step}" / "actor" / "huggingface" / "model.safetensors").unlink()
-    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--resumable", "--device", "cpu")
+    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--resumable", "--device", "cpu", *NO_NEXT)
     assert result.exit_code == 0, result.output
     got, fp32 = load_file(tmp_path / "out" / "model.safetensors"), load_file(outputs["tmp"] / "verl" / "model.safetensors")
     assert {v.dtype for v in got.values()} == {torch.bfloat16}
@@ -239,11 +241,11 @@ def test_huggingface_weights_alone_are_read_as_model_folders(tmp_path: Path, out
         path.unlink()
     trajectory = load_dense_trajectory(run)
     assert trajectory.layout == "verl-hf" and trajectory.step_numbers == list(STEPS)
-    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--device", "cpu")
+    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--device", "cpu", *NO_NEXT)
     assert result.exit_code == 0, result.output
     got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(outputs["tmp"] / "verl" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    refused = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out2", "--resumable")
+    refused = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out2", "--resumable", *NO_NEXT)
     assert refused.exit_code != 0 and "verl resumes only from them" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out2").exists()
 
@@ -257,7 +259,7 @@ def test_a_missing_or_damaged_rank_file_is_one_line_naming_it(tmp_path: Path, da
     else:
         shard.write_bytes(shard.read_bytes()[:20000])
     before = tree_hashes(run)
-    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out")
+    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", *NO_NEXT)
     assert result.exit_code != 0
     assert str(shard) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert tree_hashes(run) == before and not (tmp_path / "out").exists()
@@ -268,5 +270,5 @@ def test_resumable_refuses_a_weight_file_it_does_not_rewrite(tmp_path: Path) -> 
     stray = run / "global_step_80" / "actor" / "ref" / "model_world_size_3_rank_0.pt"
     stray.parent.mkdir()
     shutil.copyfile(LATEST / "actor" / "model_world_size_3_rank_0.pt", stray)
-    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--resumable")
+    result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--resumable", *NO_NEXT)
     assert result.exit_code != 0 and str(stray) in result.stderr and "not rewritten by --resumable" in result.stderr
