@@ -184,6 +184,7 @@ def test_base_from_the_hub_equals_the_local_base(tmp_path: Path, hub_env, repos,
     assert code == 0, output
     assert (remote / "model.safetensors").read_bytes() == (local / "model.safetensors").read_bytes()
     assert (remote / "model.safetensors").read_bytes() != (LATEST / "model.safetensors").read_bytes()
+    assert json.loads((remote / "nextoffline.json").read_text())["source"]["reference"] == f"hf://{repos['base']}"
     fetched = len(downloads)
     assert fetched == len([p for p in BASE.iterdir() if p.suffix in (".json", ".safetensors")])
     code, output = cli(*args, "--base", f"hf://{repos['base']}@main", "--out", tmp_path / "again")

@@ -8,6 +8,7 @@ sources and ``--base hf://...`` are downloaded into the HF cache first (:mod:`ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def _load(src: SourceArgs, full_args: FullArgs, *, progress: bool = True, traine
     base = None if full_args.base is None else Path(full_args.base)
     if full_args.base is not None and hub.is_hub_source(full_args.base):
         base = hub.materialize_model(full_args.base, token=src.token, progress=progress)
-    return load_dense_trajectory(root, base=base, source_label=src.source, max_step=max_step)
+    trajectory = load_dense_trajectory(root, base=base, source_label=src.source, max_step=max_step)
+    return dataclasses.replace(trajectory, base_label=full_args.base) if full_args.base is not None else trajectory
 
 
 def _stats(trajectory, compute: ComputeArgs, progress: bool):

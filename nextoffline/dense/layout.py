@@ -141,6 +141,8 @@ class DenseTrajectory:
     #: folder whose config/tokenizer/generation-config files go into the output model folder
     #: (default: the latest checkpoint's folder)
     model_files_dir: Path | None = None
+    #: ``--base`` as the user gave it (e.g. an ``hf://`` spec downloaded into the cache)
+    base_label: str | None = None
     #: stored dtype of each tensor in the output model folder when it differs from the source
     #: (e.g. bf16 model weights read from fp32 optimizer masters)
     output_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
@@ -162,6 +164,13 @@ class DenseTrajectory:
     def reference(self) -> DenseCheckpoint:
         """The model global deltas are taken against: the base, else the earliest checkpoint."""
         return self.base if self.base is not None else self.checkpoints[0]
+
+    @property
+    def reference_label(self) -> str:
+        """The reference model as the user named it (``--base``), or the earliest checkpoint."""
+        if self.base is not None:
+            return self.base_label or str(self.base.folder)
+        return f"earliest checkpoint (step {self.step_numbers[0]})"
 
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.latest.entries.values())

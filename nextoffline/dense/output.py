@@ -123,7 +123,7 @@ def _manifest(trajectory: DenseTrajectory, choice: DenseChoice, warning: str | N
             "label": trajectory.source_label,
             "format": trajectory.layout,
             "steps": trajectory.step_numbers,
-            "reference": str(trajectory.base.folder) if trajectory.base else trajectory.step_numbers[0],
+            "reference": trajectory.reference_label if trajectory.base else trajectory.step_numbers[0],
             "files": [{"step": c.step, "files": _header_record(c)} for c in trajectory.checkpoints]
             + ([{"step": "base", "files": _header_record(trajectory.base)}] if trajectory.base else []),
         },

@@ -417,7 +417,7 @@ def dense_inspect(trajectory: DenseTrajectory, stats: DenseStats, rank1: Rank1En
         "format": trajectory.layout,
         "kind": "full-parameter",
         "steps": trajectory.step_numbers,
-        "reference": str(trajectory.base.folder) if trajectory.base else f"earliest checkpoint (step {trajectory.step_numbers[0]})",
+        "reference": trajectory.reference_label,
         "num_tensors": len(entries),
         "parameters": sum(e.numel for e in entries.values()),
         "bytes_per_checkpoint": trajectory.total_bytes(),
