@@ -21,7 +21,7 @@ from nextoffline.errors import UsageError
 from nextoffline.ops.dense import trend_curve
 from nextoffline.ops.predictors.trajectory import rank1_from_gram
 from nextoffline.pipeline import default_horizon, horizon_steps
-from nextoffline.report.data import GRID_POINTS, ModuleCurves, ReportData, read_extrapolation, select_modules
+from nextoffline.report.data import ModuleCurves, ReportData, backtest_or_note, read_extrapolation, report_grid, select_modules
 
 __all__ = ["compute_dense_report"]
 
@@ -97,13 +97,10 @@ def compute_dense_report(
     inspect = dense_inspect(trajectory, stats, rank1)
     for row in inspect["per_step"]:
         row.setdefault("local_rank1_energy", None)  # only the global deltas' rank-1 energy is measured on dense runs
-    result, backtest_note = None, ""
-    if k - holdout >= 3:
-        result = dense_backtest(trajectory, stats, list(backtest_methods or dense_auto_candidates(k - holdout)), holdout=holdout)
-    else:
-        backtest_note = f"no backtest: {k} checkpoints leave {k - holdout} to fit on with holdout {holdout}; at least 3 are needed"
-    first = steps[0]
-    grid = sorted({*(first + (end_step - first) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)), *steps})
+    result, backtest_note = backtest_or_note(
+        k, holdout, lambda: dense_backtest(trajectory, stats, list(backtest_methods or dense_auto_candidates(k - holdout)), holdout=holdout)
+    )
+    grid = report_grid(steps, end_step)
     selected = select_modules(stats.keys, pattern=module_pattern, limit=max_modules)
     curves, failures = _curves(stats, steps, methods, selected, grid)
     everything = rank1_from_gram(stats.grams)

@@ -51,7 +51,7 @@ from nextoffline.dense.layout import (
 from nextoffline.errors import AdapterFileError, FormatDetectionError, OutputError
 from nextoffline.formats.lora_keys import peft_key
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
-from nextoffline.formats.verl import LEGACY_ADAPTER_DIR, LORA_META_NAME, ShardEntry, model_shards, shard_tensors
+from nextoffline.formats.verl import LEGACY_ADAPTER_DIR, LORA_META_NAME, ShardEntry, model_shards, shard_tensors, step_dirs
 from nextoffline.io.torch_zip import read_structure, refresh_crcs, storage_spans
 
 __all__ = ["READER", "VerlFSDPReader", "block_pieces", "read_step"]
@@ -67,15 +67,6 @@ _SHARD_NAME = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 MAX_PIECES = 1 << 20
 #: files of ``global_step_N/`` copied unchanged by ``--resumable``: no actor weights are loaded from them
 _WEIGHTLESS = ("data.pt", "actor/optim_world_size_*_rank_*.pt", "actor/extra_state_world_size_*_rank_*.pt", "critic/*")
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    steps = []
-    for child in root.iterdir() if root.is_dir() else ():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / "actor").is_dir():
-            steps.append((int(match[1]), child))
-    return sorted(steps)
 
 
 def _hf_weights(actor: Path) -> bool:
@@ -231,7 +222,7 @@ def read_step(step: int, folder: Path) -> tuple[DenseCheckpoint, dict[str, list[
 
 def _steps_with_weights(root: Path) -> tuple[str, list[tuple[int, Path]]]:
     """The layout and the step folders: shards when every step has them, else ``huggingface/`` weights."""
-    steps = _step_dirs(root)
+    steps = step_dirs(root)
     if not steps:
         raise FormatDetectionError(f"{root}: no global_step_N/actor/ folders; point at verl's trainer.default_local_dir")
     if all(_shard_files(d / "actor") for _s, d in steps):
@@ -264,7 +255,7 @@ class VerlFSDPReader:
 
     def probe(self, root: Path) -> bool:
         """verl step folders whose actor holds full-parameter weights (LoRA runs go to the LoRA reader)."""
-        steps = _step_dirs(root)
+        steps = step_dirs(root)
         if not steps or any(_lora_markers(d / "actor") for _s, d in steps):
             return False
         for _step, folder in reversed(steps):

@@ -291,7 +291,8 @@ def _check_config_fits(path: Path, config: dict[str, Any], keys: Iterable[str]) 
 # --------------------------------------------------------------------------- the format
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``global_step_N/`` folders holding an ``actor/`` folder, by step."""
     steps = []
     for child in root.iterdir() if root.is_dir() else ():
         match = _STEP_DIR.match(child.name)
@@ -336,7 +337,7 @@ def _megatron_adapter(actor_dir: Path) -> Path | None:
 def _any_step_config(actor_dir: Path) -> Path | None:
     """An ``adapter_config.json`` written by verl at any step (also next to an empty or missing adapter)."""
     root = actor_dir.parent.parent
-    for _step, folder in reversed(_step_dirs(root)):
+    for _step, folder in reversed(step_dirs(root)):
         for candidate in (folder / "actor" / LEGACY_ADAPTER_DIR, folder / "actor" / "model" / "huggingface" / "adapter"):
             if (candidate / ADAPTER_CONFIG_NAME).is_file():
                 return candidate / ADAPTER_CONFIG_NAME
@@ -355,17 +356,17 @@ class VerlFormat:
             or _megatron_adapter(d / "actor")
             or (d / "actor" / "model" / "dist_ckpt").is_dir()
             or any(map(is_verl_model_shard, (d / "actor").iterdir()))
-            for _s, d in _step_dirs(root)
+            for _s, d in step_dirs(root)
         )
 
     def list_steps(self, root: Path) -> list[StepRef]:
         usable = [
             (s, d)
-            for s, d in _step_dirs(root)
+            for s, d in step_dirs(root)
             if model_shards(d / "actor") or _legacy_adapter(d / "actor") or _megatron_adapter(d / "actor")
         ]
         if not usable:
-            megatron = [d for _s, d in _step_dirs(root) if (d / "actor" / "model" / "dist_ckpt").is_dir()]
+            megatron = [d for _s, d in step_dirs(root) if (d / "actor" / "model" / "dist_ckpt").is_dir()]
             if megatron:
                 raise FormatDetectionError(
                     f"{megatron[-1] / 'actor' / 'model'}: verl Megatron checkpoint without the PEFT export huggingface/adapter/ "

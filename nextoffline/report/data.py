@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,19 @@ def short_name(module: str) -> str:
 
 def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def report_grid(steps: Sequence[float], end_step: float) -> list[float]:
+    """The curves' x values: :data:`GRID_POINTS` evenly spaced from the first step to ``end_step``, plus every step."""
+    first = float(steps[0])
+    return sorted({*(first + (end_step - first) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)), *map(float, steps)})
+
+
+def backtest_or_note(k: int, holdout: int, run: Callable[[], BacktestResult]) -> tuple[BacktestResult | None, str]:
+    """``run()`` when ``k`` checkpoints leave at least 3 to fit on, else ``None`` and the reason."""
+    if k - holdout >= 3:
+        return run(), ""
+    return None, f"no backtest: {k} checkpoints leave {k - holdout} to fit on with holdout {holdout}; at least 3 are needed"
 
 
 def select_modules(names: Sequence[str], *, pattern: str | None = None, limit: int = 9) -> list[str]:
@@ -318,13 +331,10 @@ def compute_report(
                 f"not from this trajectory's steps {trajectory.step_numbers}"
             )
     report_inspect = inspect_trajectory(trajectory, settings)
-    result, backtest_note = None, ""
-    if k - holdout >= 3:
-        result = backtest(trajectory, list(backtest_methods or auto_candidates(k - holdout)), settings, holdout=holdout)
-    else:
-        backtest_note = f"no backtest: {k} checkpoints leave {k - holdout} to fit on with holdout {holdout}; at least 3 are needed"
-    first = float(trajectory.step_numbers[0])
-    grid = sorted({*(first + (end_step - first) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)), *map(float, trajectory.step_numbers)})
+    result, backtest_note = backtest_or_note(
+        k, holdout, lambda: backtest(trajectory, list(backtest_methods or auto_candidates(k - holdout)), settings, holdout=holdout)
+    )
+    grid = report_grid(trajectory.step_numbers, end_step)
     selected = select_modules([m.name for m in trajectory.modules], pattern=module_pattern, limit=max_modules)
     modules, normalised, explained, names, failures = compute_curves(trajectory, settings, methods, selected, grid, horizon)
     return ReportData(
