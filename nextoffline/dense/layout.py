@@ -146,6 +146,9 @@ class DenseTrajectory:
     #: stored dtype of each tensor in the output model folder when it differs from the source
     #: (e.g. bf16 model weights read from fp32 optimizer masters)
     output_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    #: where a faithful (fp32) copy was looked for and not found, when the trajectory is read from 16-bit
+    #: weights: replaces the generic advice of the measured bf16 resolution warning
+    precision_note: str | None = None
 
     @property
     def step_numbers(self) -> list[int]:
@@ -351,7 +354,10 @@ class HFModelFolders:
 
 #: Modules of trainer-specific full-parameter readers, each exposing ``READER`` (a :class:`DenseReader`);
 #: probed in this order, before the HF folders (other trainers may save HF weights beside their own states).
-READER_MODULES: tuple[str, ...] = ("nextoffline.dense.verl_fsdp",)
+READER_MODULES: tuple[str, ...] = (
+    "nextoffline.dense.verl_fsdp",
+    "nextoffline.dense.deepspeed_states",  # OpenRLHF / HF Trainer DeepSpeed states (fp32 masters)
+)
 
 
 def dense_readers() -> list[DenseReader]:

@@ -244,10 +244,10 @@ def resolution_warning(trajectory: DenseTrajectory, stats: DenseStats) -> str | 
     median = sorted(fractions)[len(fractions) // 2]
     if median < UNCHANGED_WARN:
         return None
+    advice = trajectory.precision_note or "save fp32 weights (or the trainer's fp32 master copy) for a faithful trajectory"
     return (
         f"{median:.0%} of the 16-bit weights are bit-identical between consecutive checkpoints (median over steps): "
-        "per-step updates below bf16/fp16 resolution are lost in these saves; save fp32 weights "
-        "(or the trainer's fp32 master copy) for a faithful trajectory"
+        f"per-step updates below bf16/fp16 resolution are lost in these saves; {advice}"
     )
 
 
