@@ -146,13 +146,13 @@ def test_openrlhf_keeps_few_deepspeed_checkpoints_then_warns_where_masters_were_
 # -------------------------------------------------------------------------------- resumable
 
 
-def _deepspeed_load(load_dir: Path, expected: Path, stage: int) -> dict:
+def _deepspeed_load(jobs: list[tuple[Path, Path, int]]) -> list[dict]:
+    """DeepSpeed's engine.load_checkpoint on each (load dir, expected weights, ZeRO stage), in one 2-process run."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "DS_ACCELERATOR": "cpu"}
     script = FIXTURES / "make_deepspeed_fullparam_fixture.py"
-    subprocess.run(
-        [sys.executable, str(script), "check", str(load_dir), str(expected), str(stage)], check=True, timeout=600, cwd=REPO, env=env
-    )
-    return json.loads(expected.with_suffix(".json").read_text())
+    args = [os.pathsep.join(str(job[i]) for job in jobs) for i in range(3)]
+    subprocess.run([sys.executable, str(script), "check", *args], check=True, timeout=600, cwd=REPO, env=env)
+    return [json.loads(expected.with_suffix(".json").read_text()) for _d, expected, _s in jobs]
 
 
 def _resumable(run: Path, out: Path) -> str:
@@ -186,23 +186,30 @@ def test_resumable_trainer_checkpoint_rewrites_masters_module_and_safetensors(tm
 
 
 @NEEDS_DS
-def test_deepspeed_resumes_the_openrlhf_checkpoint_with_extrapolated_masters_and_module(tmp_path: Path) -> None:
+def test_deepspeed_resumes_with_the_extrapolated_masters_and_module(tmp_path: Path) -> None:
+    """OpenRLHF ZeRO-2 and HF Trainer ZeRO-3: DeepSpeed's own load_checkpoint finds the extrapolated weights in the
+    fp32 masters and the bf16 module (the input checkpoint holds the step-6 law, far from them)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    out = tmp_path / "out"
-    output = _resumable(Z2 / "openrlhf", out)
-    assert f"--ckpt.path {out}/resume --ckpt.load_enable" in output
-    assert (out / "resume" / "_actor" / "latest").read_text() == "global_step6"
-    expected = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(out / "resume" / "_actor"), tag="global_step6").items()}
-    assert ratio(expected, truth(Z2, 6), truth(Z2, TARGET)) < 1e-3
-    save_file(expected, tmp_path / "expected.safetensors")
-    resumed = _deepspeed_load(out / "resume" / "_actor", tmp_path / "expected.safetensors", 2)
-    assert resumed == {**resumed, "keys": True, "master_max_diff": 0.0, "module_max_diff": 0.0, "step": 6, "client_step": 6}
-    before = truth(Z2, 6)  # the input holds the step-6 law, far from the extrapolated weights
-    assert max(float((before[k] - expected[k]).abs().max()) for k in expected) > 1e-3
-
-
-# ---------------------------------------------------------------------------------- refusals
+    output = _resumable(Z2 / "openrlhf", tmp_path / "z2")
+    assert f"--ckpt.path {tmp_path / 'z2'}/resume --ckpt.load_enable" in output
+    assert (tmp_path / "z2" / "resume" / "_actor" / "latest").read_text() == "global_step6"
+    _resumable(Z3 / "trl", tmp_path / "z3")
+    copy3 = tmp_path / "z3" / "resume" / "checkpoint-6"
+    written, model = load_file(copy3 / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
+    assert written.keys() == model.keys() and all(torch.equal(written[k], v) for k, v in model.items())
+    jobs = []
+    for name, load_dir, stage in ((tmp_path / "z2", tmp_path / "z2" / "resume" / "_actor", 2), (tmp_path / "z3", copy3, 3)):
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(load_dir), tag="global_step6")
+        expected = {k: v.detach().float().contiguous() for k, v in masters.items()}
+        run = Z2 if stage == 2 else Z3
+        assert ratio(expected, truth(run, 6), truth(run, TARGET)) < 1e-3, stage
+        before = truth(run, 6)
+        assert max(float((before[k] - expected[k]).abs().max()) for k in expected) > 1e-3
+        save_file(expected, name / "expected.safetensors")
+        jobs.append((load_dir, name / "expected.safetensors", stage))
+    for resumed in _deepspeed_load(jobs):
+        assert resumed == {**resumed, "keys": True, "master_max_diff": 0.0, "module_max_diff": 0.0, "step": 6}, resumed
 
 
 def test_damaged_or_missing_rank_file_is_one_line_naming_it(tmp_path: Path) -> None:
