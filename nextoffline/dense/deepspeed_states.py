@@ -291,13 +291,8 @@ def _tag_layout(tag_dir: Path, folder: Path) -> _TagLayout:
         module_entries = _module_entries(folder, models[0], module, set(module) - aliases)
     masters, storages = _masters(folder, optims, pieces, shapes)
     dtypes = {k: ref.dtype for k, ref in module.items() if isinstance(ref, TensorRef)}
-    for path, entries in ((models[0], module_entries),):
-        storages.setdefault(path, set()).update(_storage_keys(path, module, entries))
+    storages[models[0]] = {module[k].storage.key for k in module_entries}
     return _TagLayout(masters, module_entries, dtypes, models, optims, storages)
-
-
-def _storage_keys(path: Path, module: dict[str, Any], entries: dict[str, TensorEntry]) -> set[str]:
-    return {module[k].storage.key for k in entries if isinstance(module.get(k), TensorRef)}
 
 
 def _has_masters(tag_dir: Path) -> bool:
