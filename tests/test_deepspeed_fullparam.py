@@ -84,9 +84,16 @@ def test_masters_equal_deepspeeds_own_consolidation(run: Path) -> None:
     torch.testing.assert_close(read_all(trajectory, trajectory.latest), law, rtol=1e-6, atol=1e-7)
 
 
-def test_deepspeed_states_take_precedence_and_lora_runs_stay_lora() -> None:
-    trainer = load_dense_trajectory(Z2 / "trl")
+def test_deepspeed_states_take_precedence_and_lora_runs_stay_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nextoffline.io.torch_zip as torch_zip
+
+    def no_data(*args: object) -> None:
+        raise AssertionError("loading a trajectory must not read tensor data")
+
+    monkeypatch.setattr(torch_zip, "_read_with", no_data)  # header-only: pickles and zip directories
+    trainer = load_dense_trajectory(Z2 / "trl", base=Z2 / "base")
     assert trainer.layout == "hf-trainer-deepspeed"  # not the bf16 model.safetensors beside it
+    assert trainer.reference.folder == Z2 / "base" and trainer.model_files_dir == Z2 / "trl" / "checkpoint-6"
     assert load_dense_trajectory(Z2 / "openrlhf").layout == "openrlhf-deepspeed"
     for lora in ("trl_zero2_tiny", "trl_zero3_tiny", "openrlhf_zero3_tiny", "openrlhf_lora_tiny"):
         assert not is_dense_source(FIXTURES / lora), lora
