@@ -273,7 +273,7 @@ def _tag_layout(tag_dir: Path, folder: Path) -> _TagLayout:
         params = {k: ref for k, ref in module.items() if k in shapes}
         if any(isinstance(ref, TensorRef) and any(ref.size) for ref in params.values()):
             raise UnsupportedAdapterError(f"{models[0]}: ZeRO-3 module states hold parameter values (not placeholders); unsupported layout")
-        others = set(module) - set(shapes)
+        others = set(module) - set(shapes) - set(states.get("shared_params") or {})  # buffers (tied aliases are not stored)
         module_entries = _module_entries(folder, models[0], module, others) if others else {}
     else:
         models = [tag_dir / MODEL_STATES]
