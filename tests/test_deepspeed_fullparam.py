@@ -116,7 +116,7 @@ def test_masters_extrapolate_the_law_where_bf16_weights_cannot(tmp_path: Path) -
     run = Z2 / "trl"
     before = tree_hashes(run)
     law, latest = truth(Z2, TARGET), load_file(run / "checkpoint-6" / "model.safetensors")
-    code, output = run_cli("extrapolate", run, "--to-step", TARGET, "--out", tmp_path / "masters", "--device", "cpu")
+    code, output = run_cli("extrapolate", run, "--to-step", TARGET, "--out", tmp_path / "masters", "--device", "cpu", "--next-budget", 0)
     assert code == 0, output
     assert "auto selected power" in output and "warning" not in output
     got = load_file(tmp_path / "masters" / "model.safetensors")
@@ -127,7 +127,7 @@ def test_masters_extrapolate_the_law_where_bf16_weights_cannot(tmp_path: Path) -
     assert (tmp_path / "masters" / "tokenizer.json").is_file()
 
     bf16_run = _bf16_only(run, tmp_path / "bf16_run")
-    code, output = run_cli("extrapolate", bf16_run, "--to-step", TARGET, "--out", tmp_path / "bf16", "--device", "cpu")
+    code, output = run_cli("extrapolate", bf16_run, "--to-step", TARGET, "--out", tmp_path / "bf16", "--device", "cpu", "--next-budget", 0)
     assert code == 0, output
     assert "bit-identical between consecutive checkpoints" in output and "fp32 master weights were looked for" in output
     assert "_optim_states.pt" in output
@@ -164,7 +164,7 @@ def _deepspeed_load(jobs: list[tuple[Path, Path, int]]) -> list[dict]:
 
 def _resumable(run: Path, out: Path) -> str:
     before = tree_hashes(run)
-    code, output = run_cli("extrapolate", run, "--to-step", TARGET, "--out", out, "--device", "cpu", "--resumable")
+    code, output = run_cli("extrapolate", run, "--to-step", TARGET, "--out", out, "--device", "cpu", "--next-budget", 0, "--resumable")
     assert code == 0, output
     assert tree_hashes(run) == before
     return output
@@ -235,6 +235,6 @@ def test_resumable_refuses_a_weight_file_it_does_not_rewrite(tmp_path: Path) -> 
     run = tmp_path / "run"
     shutil.copytree(Z2 / "trl", run)
     torch.save({"module": {}}, run / "checkpoint-6" / "global_step6" / "mp_rank_01_model_states.pt")
-    code, output = run_cli("extrapolate", run, "--coef", 1, "--out", tmp_path / "o", "--resumable")
+    code, output = run_cli("extrapolate", run, "--coef", 1, "--method", "linear", "--out", tmp_path / "o", "--resumable")
     assert code != 0 and "mp_rank_01_model_states.pt" in output and "tensor-parallel" in output and "Traceback" not in output
     assert not (tmp_path / "o").exists()
