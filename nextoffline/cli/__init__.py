@@ -9,7 +9,7 @@ from nextoffline.cli.commands import backtest_cmd, demo_cmd, extrapolate_cmd, in
 from nextoffline.cli.report_cmd import report_cmd
 from nextoffline.cli.watch_cmd import watch_cmd
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -25,3 +25,11 @@ main.add_command(push_cmd)
 main.add_command(demo_cmd)
 main.add_command(report_cmd)
 main.add_command(watch_cmd)
+
+
+def run() -> None:
+    """Process entry point (the ``nextoffline`` script and ``python -m nextoffline``)."""
+    from nextoffline.cli.options import PROCESS
+
+    PROCESS.entry = True
+    main(prog_name="nextoffline")

@@ -6,6 +6,7 @@ shared options into a trajectory and the pipeline's settings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -91,8 +92,26 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if PROCESS.entry:
+                _late_interrupts_end_quietly()
 
     return wrapper
+
+
+class _Process:
+    """Set by :func:`nextoffline.cli.run`: this interpreter exists to run one command."""
+
+    entry = False
+
+
+PROCESS = _Process()
+
+
+def _late_interrupts_end_quietly() -> None:
+    """Once the command is done (its output committed or removed), a Ctrl-C during interpreter
+    shutdown ends the process by the signal instead of printing a KeyboardInterrupt traceback."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _one_line(text: str) -> str:

@@ -45,12 +45,11 @@ from nextoffline.dense.layout import (
 )
 from nextoffline.errors import AdapterFileError, FormatDetectionError, OutputError, UnsupportedAdapterError
 from nextoffline.formats.base import parse_step_dir
-from nextoffline.formats.deepspeed_zero3 import MasterPiece, is_zero3_tag
-from nextoffline.formats.deepspeed_zero3 import _pieces as zero3_pieces
-from nextoffline.formats.openrlhf import _check_slice_mappings, _optim_files
+from nextoffline.formats.deepspeed_zero3 import MasterPiece, is_zero3_tag, zero3_pieces
+from nextoffline.formats.openrlhf import zero12_master_pieces
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.formats.trl import TRAINER_WEIGHTLESS
-from nextoffline.io.torch_zip import Opaque, TensorRef, read_structure, refresh_crcs, storage_spans
+from nextoffline.io.torch_zip import TensorRef, read_structure, refresh_crcs, storage_spans
 
 __all__ = ["READER", "DeepSpeedStates"]
 
@@ -167,49 +166,6 @@ def _contiguous(ref: Any) -> bool:
     return tuple(reversed(stride)) == ref.stride or expected <= 1
 
 
-def _stage_of(optim: dict[str, Any]) -> int | None:
-    stage = optim.get("zero_stage")
-    value = stage.args[0] if isinstance(stage, Opaque) and stage.args else stage
-    return int(value) if isinstance(value, int) else None
-
-
-def _zero12_pieces(tag_dir: Path, states: dict[str, Any]) -> tuple[list[Path], dict[str, list[MasterPiece]], dict[str, tuple[int, ...]]]:
-    """ZeRO-1/2 (and bf16 ZeRO-1) fp32 masters: each group flattened in ``param_shapes`` order with the
-    saved per-parameter alignment paddings, split over the ranks in order (``zero_to_fp32``'s rule)."""
-    files = _optim_files(tag_dir, int(states["dp_world_size"]))
-    optims = [read_structure(f)["optimizer_state_dict"] for f in files]
-    for path, optim in zip(files, optims):
-        if "single_partition_of_fp32_groups" not in optim:
-            raise UnsupportedAdapterError(f"{path}: no single_partition_of_fp32_groups (fp32 masters); unsupported DeepSpeed optimizer")
-    paddings = optims[0].get("param_alignment_paddings")
-    pieces: dict[str, list[MasterPiece]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for group, param_shapes in enumerate(states["param_shapes"]):
-        partitions: list[TensorRef] = [o["single_partition_of_fp32_groups"][group] for o in optims]
-        bounds, total = [], 0
-        for part in partitions:
-            bounds.append((total, total + part.size[0]))
-            total += part.size[0]
-        offset = 0
-        for index, (name, shape) in enumerate(param_shapes.items()):
-            numel = int(torch.Size(shape).numel())
-            shapes[name], pieces[name] = tuple(int(s) for s in shape), []
-            for rank, (part, (lo, hi)) in enumerate(zip(partitions, bounds)):
-                first, last = max(offset, lo), min(offset + numel, hi)
-                if first < last:
-                    ref = TensorRef(part.storage, part.offset + first - lo, (last - first,), (1,))
-                    pieces[name].append(MasterPiece(rank, ref, first - offset, first - lo))
-            offset += numel + (int(paddings[group][index]) if paddings else 0)
-        # ZeRO-1/2 save the partitions without the group's end padding; bf16 ZeRO-1 (BF16_Optimizer) keeps it
-        tail = int((optims[-1].get("group_paddings") or [0] * (group + 1))[group]) if _stage_of(optims[0]) is None else 0
-        if total - offset not in (0, tail):
-            raise AdapterFileError(
-                f"{tag_dir}: param group {group} holds {total} fp32 values, its parameters {offset}; the files do not match"
-            )
-    _check_slice_mappings(tag_dir, optims, pieces)
-    return files, pieces, shapes
-
-
 def _module_entries(folder: Path, path: Path, module: dict[str, Any], keys: set[str] | None = None) -> dict[str, TensorEntry]:
     """Entries of the module state dict's tensors (all, or ``keys``) stored in ``path``."""
     spans = storage_spans(path)
@@ -286,7 +242,7 @@ def _tag_layout(tag_dir: Path, folder: Path) -> _TagLayout:
                 f"{models[0]}: DeepSpeed without ZeRO keeps the optimizer inside the model states; full-parameter runs are read with ZeRO 1, 2 or 3"
             )
         module = dict(states["module"])
-        optims, pieces, shapes = _zero12_pieces(tag_dir, states)
+        optims, pieces, shapes = zero12_master_pieces(tag_dir, states)
         aliases = set(states.get("shared_params") or {})
         module_entries = _module_entries(folder, models[0], module, set(module) - aliases)
     masters, storages = _masters(folder, optims, pieces, shapes)

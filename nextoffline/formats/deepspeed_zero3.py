@@ -110,7 +110,7 @@ def assemble_master_lora(
     return dict(sorted(result.items()))
 
 
-def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]], dict[str, tuple[int, ...]]]:
+def zero3_pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]], dict[str, tuple[int, ...]]]:
     """Where each trainable parameter's fp32 values live in every rank's ``fp32_flat_groups``."""
     models, optims = zero3_files(tag_dir)
     world = len(models)
@@ -151,7 +151,7 @@ def _pieces(tag_dir: Path) -> tuple[list[Path], list[Path], dict[str, list[Any]]
 
 def load_zero3_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The fp32 master LoRA tensors (PEFT names) of a ZeRO-3 checkpoint folder, assembled from every rank."""
-    _models, optims, pieces, shapes = _pieces(tag_dir)
+    _models, optims, pieces, shapes = zero3_pieces(tag_dir)
     return assemble_master_lora(optims, pieces, shapes)
 
 
@@ -177,7 +177,7 @@ def write_zero3_checkpoint(tag_dir: Path, target: Path, adapter_dir: Path) -> tu
     """
     from nextoffline.formats.openrlhf import _write_masters
 
-    models, optims, pieces, shapes = _pieces(tag_dir)
+    models, optims, pieces, shapes = zero3_pieces(tag_dir)
     lora = {name: key for key in pieces if (name := peft_key(key)) is not None}
     if not lora:
         raise AdapterFileError(f"{models[0]}: no LoRA parameters among the trainable ZeRO-3 parameters; was the run trained with LoRA?")

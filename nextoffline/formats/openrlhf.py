@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,7 +99,7 @@ register_state_loader(is_deepspeed_model_states, load_lora_state)
 # --------------------------------------------------------------------------- ZeRO fp32 masters
 
 
-def _optim_files(tag_dir: Path, world: int) -> list[Path]:
+def optim_files(tag_dir: Path, world: int) -> list[Path]:
     found: dict[int, Path] = {}
     for path in tag_dir.iterdir():
         match = _OPTIM_STATES.match(path.name)
@@ -114,51 +114,72 @@ def _optim_files(tag_dir: Path, world: int) -> list[Path]:
 
 
 def _check_zero_stage(path: Path, optim: Mapping[str, Any]) -> None:
-    stage = optim.get("zero_stage")
-    value = stage.args[0] if isinstance(stage, Opaque) and stage.args else stage
-    if "fp32_flat_groups" in optim or value == 3:
+    if "fp32_flat_groups" in optim or zero_stage_of(optim) == 3:
         raise UnsupportedAdapterError(f"{path}: ZeRO-3 checkpoints are not supported by --resumable; train with --ds.zero_stage 1 or 2")
     if "single_partition_of_fp32_groups" not in optim:
         raise UnsupportedAdapterError(f"{path}: no fp32 master partitions (ZeRO disabled?); --resumable needs ZeRO stage 1 or 2")
 
 
 def _master_pieces(tag_dir: Path, states: Mapping[str, Any]) -> tuple[list[Path], dict[str, list[MasterPiece]], dict[str, tuple[int, ...]]]:
-    """Where each trainable parameter's fp32 master values live in the ZeRO-1/2 partitions.
+    """ZeRO-1/2 fp32 master pieces for the LoRA path (ZeRO-3 refused by name for --resumable)."""
+    return zero12_master_pieces(tag_dir, states, check=_check_zero_stage)
 
-    DeepSpeed flattens each param group in ``param_shapes`` order and splits it over the data
-    parallel ranks; the saved partitions have the alignment padding removed, so concatenating
-    them in rank order gives the flat group back (what ``zero_to_fp32.py`` relies on).
+
+def _require_fp32_partitions(path: Path, optim: Mapping[str, Any]) -> None:
+    if "single_partition_of_fp32_groups" not in optim:
+        raise UnsupportedAdapterError(f"{path}: no single_partition_of_fp32_groups (fp32 masters); unsupported DeepSpeed optimizer")
+
+
+def zero_stage_of(optim: Mapping[str, Any]) -> int | None:
+    """The ``zero_stage`` a ZeRO optimizer state records (``None`` for bf16 ZeRO-1's ``BF16_Optimizer``)."""
+    stage = optim.get("zero_stage")
+    value = stage.args[0] if isinstance(stage, Opaque) and stage.args else stage
+    return int(value) if isinstance(value, int) else None
+
+
+def zero12_master_pieces(
+    tag_dir: Path, states: Mapping[str, Any], *, check: Callable[[Path, Mapping[str, Any]], None] = _require_fp32_partitions
+) -> tuple[list[Path], dict[str, list[MasterPiece]], dict[str, tuple[int, ...]]]:
+    """Where each parameter's fp32 master values live in the ZeRO-1/2 partitions (header-only).
+
+    DeepSpeed flattens each param group in ``param_shapes`` order, with the saved per-parameter
+    alignment paddings, and splits it over the data-parallel ranks in order; the partitions are
+    saved without the group's end padding, except by bf16 ZeRO-1 (``BF16_Optimizer``), which keeps
+    it (``zero_to_fp32.py``'s rule). ``check`` vets each rank's optimizer state first.
     """
-    files = _optim_files(tag_dir, int(states["dp_world_size"]))
+    files = optim_files(tag_dir, int(states["dp_world_size"]))
     optims = [read_structure(f)["optimizer_state_dict"] for f in files]
     for path, optim in zip(files, optims):
-        _check_zero_stage(path, optim)
+        check(path, optim)
+    paddings = optims[0].get("param_alignment_paddings")
     pieces: dict[str, list[MasterPiece]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for group, param_shapes in enumerate(states["param_shapes"]):
         partitions: list[TensorRef] = [o["single_partition_of_fp32_groups"][group] for o in optims]
-        bounds, start = [], 0
+        bounds, total = [], 0
         for part in partitions:
-            bounds.append((start, start + part.size[0]))
-            start += part.size[0]
+            bounds.append((total, total + part.size[0]))
+            total += part.size[0]
         offset = 0
-        for name, shape in param_shapes.items():
+        for index, (name, shape) in enumerate(param_shapes.items()):
             numel = int(torch.Size(shape).numel())
-            shapes[name] = tuple(int(s) for s in shape)
-            pieces[name] = []
+            shapes[name], pieces[name] = tuple(int(s) for s in shape), []
             for rank, (part, (lo, hi)) in enumerate(zip(partitions, bounds)):
                 first, last = max(offset, lo), min(offset + numel, hi)
                 if first < last:
                     ref = TensorRef(part.storage, part.offset + first - lo, (last - first,), (1,))
                     pieces[name].append(MasterPiece(rank, ref, first - offset, first - lo))
-            offset += numel
-        if offset != start:
-            raise AdapterFileError(f"{tag_dir}: param group {group} holds {start} values, its parameters {offset}; the files do not match")
-    _check_slice_mappings(tag_dir, optims, pieces)
+            offset += numel + (int(paddings[group][index]) if paddings else 0)
+        tail = int((optims[-1].get("group_paddings") or [0] * (group + 1))[group]) if zero_stage_of(optims[0]) is None else 0
+        if total - offset not in (0, tail):
+            raise AdapterFileError(
+                f"{tag_dir}: param group {group} holds {total} fp32 values, its parameters {offset}; the files do not match"
+            )
+    check_slice_mappings(tag_dir, optims, pieces)
     return files, pieces, shapes
 
 
-def _check_slice_mappings(tag_dir: Path, optims: list[Mapping[str, Any]], pieces: Mapping[str, list[MasterPiece]]) -> None:
+def check_slice_mappings(tag_dir: Path, optims: list[Mapping[str, Any]], pieces: Mapping[str, list[MasterPiece]]) -> None:
     """Cross-check against DeepSpeed's own per-rank ``param_slice_mappings`` when saved."""
     for rank, optim in enumerate(optims):
         for group in optim.get("param_slice_mappings") or ():
