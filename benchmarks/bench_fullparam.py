@@ -172,7 +172,9 @@ def main() -> None:
         print(json.dumps(child_read(root)))
         return
     if args.child == "decompose":
-        print(json.dumps(child_decompose(root, args.chunk_mb, args.limit)))
+        result = child_decompose(root, args.chunk_mb, args.limit)
+        if result["rank"] == 0:  # the times and RSS are gathered; one line, so two ranks' output cannot interleave
+            print(json.dumps(result), flush=True)
         return
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if not (root / f"step_{10 * args.checkpoints}" / "model.safetensors").is_file():
