@@ -46,7 +46,7 @@ from nextoffline.dense.layout import (
 from nextoffline.errors import AdapterFileError, FormatDetectionError, OutputError, UnsupportedAdapterError
 from nextoffline.formats.base import parse_step_dir
 from nextoffline.formats.deepspeed_zero3 import MasterPiece, is_zero3_tag, zero3_pieces
-from nextoffline.formats.openrlhf import zero12_master_pieces
+from nextoffline.formats.openrlhf import ANY_MODEL_STATES, DS_TAG, HF_DIR_PATTERN, MODEL_STATES, OPTIM_STATES, zero12_master_pieces
 from nextoffline.formats.resume_files import ResumeFiles, check_resume_files
 from nextoffline.formats.trl import TRAINER_WEIGHTLESS
 from nextoffline.io.torch_zip import TensorRef, read_structure, refresh_crcs, storage_spans
@@ -57,11 +57,6 @@ LOG = logging.getLogger(__name__)
 
 OPENRLHF = "openrlhf-deepspeed"
 TRAINER = "hf-trainer-deepspeed"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-_TAG = re.compile(r"^(?:best_)?global_step(\d+)$")
-_HF = re.compile(r"^global_step(\d+)_hf$")
-_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
-_ANY_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class _Step:
 
 
 def _is_tag(folder: Path) -> bool:
-    return folder.is_dir() and any(_ANY_MODEL_STATES.match(p.name) for p in folder.iterdir())
+    return folder.is_dir() and any(ANY_MODEL_STATES.match(p.name) for p in folder.iterdir())
 
 
 def _has_weights(folder: Path) -> bool:
@@ -87,7 +82,7 @@ def _trainer_tag(checkpoint: Path) -> Path | None:
     latest = checkpoint / "latest"
     if latest.is_file() and _is_tag(checkpoint / latest.read_text(encoding="utf-8").strip()):
         return checkpoint / latest.read_text(encoding="utf-8").strip()
-    tags = [c for c in sorted(checkpoint.iterdir()) if _TAG.match(c.name) and _is_tag(c)]
+    tags = [c for c in sorted(checkpoint.iterdir()) if DS_TAG.match(c.name) and _is_tag(c)]
     return tags[0] if len(tags) == 1 else None
 
 
@@ -108,12 +103,12 @@ def _openrlhf_steps(root: Path) -> list[_Step]:
     tags: dict[int, Path] = {}
     actor = root / "_actor"
     for child in sorted(actor.iterdir()) if actor.is_dir() else ():
-        match = _TAG.match(child.name)
+        match = DS_TAG.match(child.name)
         if match and _is_tag(child) and (int(match[1]) not in tags or not child.name.startswith("best_")):
             tags[int(match[1])] = child
     models: dict[int, Path] = {}
     for child in sorted(root.iterdir()) if root.is_dir() else ():
-        match = _HF.match(child.name)
+        match = HF_DIR_PATTERN.match(child.name)
         if match and child.is_dir():
             if (child / ADAPTER_CONFIG_NAME).exists():
                 return []  # a LoRA run: the LoRA reader takes it
@@ -252,7 +247,7 @@ def _tag_layout(tag_dir: Path, folder: Path) -> _TagLayout:
 
 
 def _has_masters(tag_dir: Path) -> bool:
-    return any(_OPTIM.match(p.name) for p in tag_dir.iterdir())
+    return any(OPTIM_STATES.match(p.name) for p in tag_dir.iterdir())
 
 
 # ---------------------------------------------------------------------------------- checkpoints

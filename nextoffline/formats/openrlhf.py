@@ -52,11 +52,11 @@ CRITIC_DIR = "_critic"
 LATEST_NAME = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 RECOVERY_SCRIPT = "zero_to_fp32.py"
-_HF_DIR = re.compile(r"^global_step(\d+)_hf$")
-_DS_TAG = re.compile(r"^(?:best_)?global_step(\d+)$")
+HF_DIR_PATTERN = re.compile(r"^global_step(\d+)_hf$")
+DS_TAG = re.compile(r"^(?:best_)?global_step(\d+)$")
 _MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_ANY_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
-_OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ANY_MODEL_STATES = re.compile(r"^(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt$")
+OPTIM_STATES = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def is_deepspeed_model_states(path: Path) -> bool:
@@ -102,7 +102,7 @@ register_state_loader(is_deepspeed_model_states, load_lora_state)
 def optim_files(tag_dir: Path, world: int) -> list[Path]:
     found: dict[int, Path] = {}
     for path in tag_dir.iterdir():
-        match = _OPTIM_STATES.match(path.name)
+        match = OPTIM_STATES.match(path.name)
         if match and match[3] == "00":
             found[int(match[2])] = path
     missing = sorted(set(range(world)) - set(found))
@@ -208,7 +208,7 @@ def load_master_lora_state(tag_dir: Path) -> dict[str, torch.Tensor]:
 def _hf_dirs(root: Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir() if root.is_dir() else ():
-        match = _HF_DIR.match(child.name)
+        match = HF_DIR_PATTERN.match(child.name)
         if match and (child / ADAPTER_CONFIG_NAME).is_file():
             found.append((int(match[1]), child))
     return sorted(found)
@@ -217,7 +217,7 @@ def _hf_dirs(root: Path) -> list[tuple[int, Path]]:
 def _ds_tags(actor: Path) -> dict[int, Path]:
     tags: dict[int, Path] = {}
     for child in sorted(actor.iterdir()) if actor.is_dir() else ():
-        match = _DS_TAG.match(child.name)
+        match = DS_TAG.match(child.name)
         if match and _is_tag(child):
             step = int(match[1])
             if step not in tags or not child.name.startswith("best_"):
@@ -227,7 +227,7 @@ def _ds_tags(actor: Path) -> dict[int, Path]:
 
 def _is_tag(folder: Path) -> bool:
     """A DeepSpeed tag folder of any ZeRO stage or parallel layout (model states of some rank)."""
-    return folder.is_dir() and any(_ANY_MODEL_STATES.match(p.name) for p in folder.iterdir())
+    return folder.is_dir() and any(ANY_MODEL_STATES.match(p.name) for p in folder.iterdir())
 
 
 class OpenRLHFFormat:
@@ -262,7 +262,7 @@ class OpenRLHFFormat:
     def resume_files(self, latest: StepRef) -> list[ResumeFiles]:
         """The actor's DeepSpeed tag folder: ``engine.load_checkpoint`` reads every weight file in it."""
         tag_dir = latest.checkpoint_dir
-        if not _DS_TAG.match(tag_dir.name):  # no DeepSpeed checkpoint at all: write_resumable says so
+        if not DS_TAG.match(tag_dir.name):  # no DeepSpeed checkpoint at all: write_resumable says so
             return []
         rewritten = deepspeed_rewritten_files(tag_dir)
         stage = "ZeRO-3" if is_zero3_tag(tag_dir) else "ZeRO-1/2"
@@ -281,7 +281,7 @@ class OpenRLHFFormat:
         _copy_tracker(actor, out_dir / ACTOR_DIR, tag_dir.name)
         notes = list(_notes(latest.step, world))
         hf = latest.adapter_dir
-        if _HF_DIR.match(hf.name):
+        if HF_DIR_PATTERN.match(hf.name):
             shutil.copytree(hf, out_dir / hf.name, ignore=shutil.ignore_patterns(*ADAPTER_WEIGHTS_NAMES))
             weights = find_adapter_weights(hf)
             if weights is not None and weights.suffix == ".safetensors":
@@ -308,7 +308,7 @@ def deepspeed_rewritten_files(tag_dir: Path) -> frozenset[Path]:
         return frozenset({*models, *optims})  # fp32 partitions rewritten; module states hold empty placeholders (checked)
     if not (tag_dir / MODEL_STATES).is_file():
         return frozenset()
-    optim = {p for p in tag_dir.iterdir() if (m := _OPTIM_STATES.match(p.name)) and m[3] == "00"}
+    optim = {p for p in tag_dir.iterdir() if (m := OPTIM_STATES.match(p.name)) and m[3] == "00"}
     return frozenset({tag_dir / MODEL_STATES, *optim})
 
 
