@@ -238,3 +238,23 @@ def test_resumable_refuses_a_weight_file_it_does_not_rewrite(tmp_path: Path) -> 
     code, output = run_cli("extrapolate", run, "--coef", 1, "--method", "linear", "--out", tmp_path / "o", "--resumable")
     assert code != 0 and "mp_rank_01_model_states.pt" in output and "tensor-parallel" in output and "Traceback" not in output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("run", [Z2 / "openrlhf", Z3 / "trl"], ids=["zero2-openrlhf", "zero3-trl"])
+def test_torchrun_two_processes_write_byte_identical_masters_and_model(tmp_path: Path, run: Path) -> None:
+    """Masters split over rank partitions under torchrun: the model folder and the --resumable copy's
+    rewritten masters, module and safetensors are byte-identical to the single-process run's."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    args = ["extrapolate", str(run), "--to-step", str(TARGET), "--method", "power", "--device", "cpu", "--chunk-mb", "1", "--resumable"]
+    code, output = run_cli(*args, "--out", single)
+    assert code == 0, output
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "nextoffline", *args, "--quiet", "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt"))
+    assert any("optim_states" in p.name for p in files) and any(p.suffix == ".safetensors" for p in files)
+    for name in files:
+        assert (multi / name).read_bytes() == (single / name).read_bytes(), name

@@ -272,3 +272,23 @@ def test_resumable_refuses_a_weight_file_it_does_not_rewrite(tmp_path: Path) -> 
     shutil.copyfile(LATEST / "actor" / "model_world_size_3_rank_0.pt", stray)
     result = cli("extrapolate", run, "--to-step", 120, "--out", tmp_path / "out", "--resumable", *NO_NEXT)
     assert result.exit_code != 0 and str(stray) in result.stderr and "not rewritten by --resumable" in result.stderr
+
+
+def test_torchrun_two_processes_write_byte_identical_pieced_output(tmp_path: Path) -> None:
+    """Tensors split over rank files (pieces) under torchrun: the model folder and every rewritten rank
+    shard of the --resumable copy are byte-identical to the single-process run's."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    args = ["extrapolate", str(RUN), "--coef", "1", "--method", "power", "--device", "cpu", "--chunk-mb", "1", "--resumable"]
+    result = cli(*args, "--out", single)
+    assert result.exit_code == 0, result.output
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "nextoffline", *args, "--quiet", "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt"))
+    assert any(p.name.startswith("model_world_size") for p in files) and any(p.suffix == ".safetensors" for p in files)
+    for name in files:
+        assert (multi / name).read_bytes() == (single / name).read_bytes(), name
+    assert json.loads((multi / "nextoffline.json").read_text())["processes"] == 2
