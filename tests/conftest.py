@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,28 @@ def effective(tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, tor
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root`` (inputs must never change)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def extrapolate_resumable(run: Path, out: Path) -> str:
+    """``extrapolate RUN --coef 1 --method linear --resumable`` through the CLI; the input must stay unchanged."""
+    from click.testing import CliRunner
+
+    from nextoffline.cli import main
+
+    before = tree_hashes(run)
+    result = CliRunner().invoke(
+        main, ["extrapolate", str(run), "--coef", "1", "--method", "linear", "--out", str(out), "--resumable", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert tree_hashes(run) == before
+    return result.stdout
+
+
+def torchrun_cli(args: list[str], *, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m nextoffline ARGS`` (gloo, one thread per process)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*torchrun, "-m", "nextoffline", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="session")

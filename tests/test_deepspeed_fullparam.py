@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from nextoffline.cli import main
 from nextoffline.dense.layout import is_dense_source, load_dense_trajectory, reader_of
 from nextoffline.dense.stream import FileHandles, read_slab
-from tests.conftest import FIXTURES, REPO, tree_hashes
+from tests.conftest import FIXTURES, REPO, torchrun_cli, tree_hashes
 
 sys.path.insert(0, str(FIXTURES))
 from make_deepspeed_fullparam_fixture import law_weights
@@ -248,11 +248,7 @@ def test_torchrun_two_processes_write_byte_identical_masters_and_model(tmp_path:
     args = ["extrapolate", str(run), "--to-step", str(TARGET), "--method", "power", "--device", "cpu", "--chunk-mb", "1", "--resumable"]
     code, output = run_cli(*args, "--out", single)
     assert code == 0, output
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "nextoffline", *args, "--quiet", "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = torchrun_cli([*args, "--quiet", "--out", str(multi)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt"))
     assert any("optim_states" in p.name for p in files) and any(p.suffix == ".safetensors" for p in files)

@@ -18,28 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from nextoffline.cli import main
 from nextoffline.formats import detect_format
 from nextoffline.formats.openrlhf import OpenRLHFFormat, load_master_lora_state
 from nextoffline.io.torch_zip import read_structure, read_tensors
-from tests.conftest import FIXTURES, REPO, tree_hashes
+from tests.conftest import FIXTURES, REPO, extrapolate_resumable
 
 TRL = FIXTURES / "trl_zero3_tiny"
 OPENRLHF = FIXTURES / "openrlhf_zero3_tiny"
 NEEDS_DS = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-
-
-def _extrapolate(run: Path, out: Path) -> str:
-    before = tree_hashes(run)
-    result = CliRunner().invoke(
-        main, ["extrapolate", str(run), "--coef", "1", "--method", "linear", "--out", str(out), "--resumable", "-q"]
-    )
-    assert result.exit_code == 0, result.output
-    assert tree_hashes(run) == before
-    return result.stdout
 
 
 def _deepspeed_load(pairs: list[tuple[Path, Path]], stage: int = 3) -> list[dict]:
@@ -77,7 +65,7 @@ def test_zero3_runs_are_detected() -> None:
 
 
 def test_zero3_resumable_rewrites_only_the_fp32_lora_partitions(tmp_path: Path) -> None:
-    _extrapolate(OPENRLHF, tmp_path / "out")
+    extrapolate_resumable(OPENRLHF, tmp_path / "out")
     source, written = OPENRLHF / "_actor" / "global_step8", tmp_path / "out" / "resume" / "_actor" / "global_step8"
     new = load_file(tmp_path / "out" / "adapter_model.safetensors")
     master = load_master_lora_state(written)
@@ -103,7 +91,7 @@ def test_deepspeed_resumes_with_the_extrapolation(tmp_path: Path, stage: int) ->
     runs = {"trl": FIXTURES / f"trl_zero{stage}_tiny"} | ({"openrlhf": OPENRLHF} if stage == 3 else {})
     pairs, olds = [], []
     for name, run in runs.items():
-        stdout = _extrapolate(run, tmp_path / name)
+        stdout = extrapolate_resumable(run, tmp_path / name)
         expected = tmp_path / name / "adapter_model.safetensors"
         if name == "trl":
             checkpoint = tmp_path / name / "resume" / "checkpoint-8"
@@ -145,7 +133,7 @@ def test_zero3_padded_partitions_rewritten_as_deepspeed_reads_them(tmp_path: Pat
     from nextoffline.formats.lora_keys import peft_key
 
     run = FIXTURES / "trl_zero3_w3_tiny"
-    _extrapolate(run, tmp_path / "out")
+    extrapolate_resumable(run, tmp_path / "out")
     checkpoint = tmp_path / "out" / "resume" / "checkpoint-8"
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="global_step8")
     masters = {peft_key(k): v for k, v in state.items() if peft_key(k)}

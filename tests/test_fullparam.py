@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from safetensors.torch import load_file
 
 from nextoffline.cli import main
 from nextoffline.ops.dense import accumulate_gram, align_signs, holdout_errors, top_triplet, trend_weights
-from tests.conftest import FIXTURES, REPO, tree_hashes
+from tests.conftest import FIXTURES, torchrun_cli, tree_hashes
 
 sys.path.insert(0, str(FIXTURES))
 from make_fullparam_fixture import law_weights
@@ -282,11 +280,7 @@ def test_torchrun_two_processes_write_byte_identical_weights(tmp_path: Path, sha
     args += ["--eval-cmd", "test -f {adapter}/config.json && echo $NEXTOFFLINE_COEF", "--keep-all", "--quiet"]
     code, output = run_cli(*args[:-1], "--out", single)
     assert code == 0, output
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "nextoffline", *args, "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = torchrun_cli([*args, "--out", str(multi)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     folders = [Path("."), Path("candidates/coef_0"), Path("candidates/coef_1.5")]  # coef_3 scores best: OUT itself
     assert json.loads((single / "nextoffline.json").read_text())["selected"]["label"] == "coef_3"

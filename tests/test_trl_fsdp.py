@@ -26,7 +26,7 @@ from nextoffline.cli import main
 from nextoffline.formats.accelerate_fsdp import load_sharded_lora_state
 from nextoffline.io.torch_zip import read_structure, read_tensors
 from nextoffline.trajectory import load_trajectory
-from tests.conftest import FIXTURES, REPO, tree_hashes
+from tests.conftest import FIXTURES, REPO, extrapolate_resumable
 
 FULL = FIXTURES / "trl_fsdp_full_tiny"
 SHARDED = FIXTURES / "trl_fsdp_sharded_tiny"
@@ -38,16 +38,6 @@ def _sharded_run(tmp_path: Path) -> Path:
     shutil.copytree(SHARDED, run)
     shutil.copyfile(FULL / "checkpoint-8" / "adapter_config.json", run / "adapter_config.json")  # same LoraConfig (r=4, alpha=8)
     return run
-
-
-def _extrapolate(run: Path, out: Path) -> str:
-    before = tree_hashes(run)
-    result = CliRunner().invoke(
-        main, ["extrapolate", str(run), "--coef", "1", "--method", "linear", "--out", str(out), "--resumable", "-q"]
-    )
-    assert result.exit_code == 0, result.output
-    assert tree_hashes(run) == before
-    return result.stdout
 
 
 def _accelerate_load(checkpoints: list[Path], expected: Path, kind: str) -> list[bool]:
@@ -80,7 +70,7 @@ def test_sharded_run_without_config_is_refused_in_one_line(tmp_path: Path) -> No
 
 
 def test_full_state_dict_rewrite_changes_only_lora_bytes(tmp_path: Path) -> None:
-    _extrapolate(FULL, tmp_path / "out")
+    extrapolate_resumable(FULL, tmp_path / "out")
     written = tmp_path / "out" / "resume" / "checkpoint-8"
     new = load_file(tmp_path / "out" / "adapter_model.safetensors")
     source = FULL / "checkpoint-8" / "pytorch_model_fsdp.bin"
@@ -98,7 +88,7 @@ def test_full_state_dict_rewrite_changes_only_lora_bytes(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_full_state_dict_resumes_with_the_extrapolation(tmp_path: Path) -> None:
-    _extrapolate(FULL, tmp_path / "out")
+    extrapolate_resumable(FULL, tmp_path / "out")
     expected = tmp_path / "out" / "adapter_model.safetensors"
     assert _changed(load_file(expected), load_file(FULL / "checkpoint-8" / "adapter_model.safetensors"))
     assert _accelerate_load([tmp_path / "out" / "resume" / "checkpoint-8"], expected, "full") == [True]
@@ -107,7 +97,7 @@ def test_full_state_dict_resumes_with_the_extrapolation(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sharded_state_dict_resumes_with_the_extrapolation(tmp_path: Path) -> None:
     run = _sharded_run(tmp_path)
-    stdout = _extrapolate(run, tmp_path / "out")
+    stdout = extrapolate_resumable(run, tmp_path / "out")
     checkpoint = tmp_path / "out" / "resume" / "checkpoint-8"
     assert f"resume_from_checkpoint={str(checkpoint)!r}" in stdout
     assert not (checkpoint / "adapter_model.safetensors").exists()  # the layout stays the trainer's: DCP only

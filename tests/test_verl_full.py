@@ -25,7 +25,7 @@ from nextoffline.dense.verl_fsdp import block_pieces, read_step
 from nextoffline.formats.lora_keys import peft_key
 from nextoffline.formats.verl import ShardEntry, load_lora_state
 from nextoffline.io.torch_zip import StorageRef, TensorRef
-from tests.conftest import FIXTURES, REPO, tree_hashes
+from tests.conftest import FIXTURES, REPO, torchrun_cli, tree_hashes
 
 sys.path.insert(0, str(FIXTURES))
 from make_fullparam_fixture import law_weights
@@ -281,11 +281,7 @@ def test_torchrun_two_processes_write_byte_identical_pieced_output(tmp_path: Pat
     args = ["extrapolate", str(RUN), "--coef", "1", "--method", "power", "--device", "cpu", "--chunk-mb", "1", "--resumable"]
     result = cli(*args, "--out", single)
     assert result.exit_code == 0, result.output
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*torchrun, "-m", "nextoffline", *args, "--quiet", "--out", str(multi)], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = torchrun_cli([*args, "--quiet", "--out", str(multi)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt"))
     assert any(p.name.startswith("model_world_size") for p in files) and any(p.suffix == ".safetensors" for p in files)
